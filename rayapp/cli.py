@@ -1,0 +1,37 @@
+"""The `rayapp` command line; each sub-command is registered by its own module."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> module exposing `register(subparsers)`; modules keep heavy imports inside their handlers.
+COMMANDS = {
+    "score": "rayapp.model.cli",
+    "data": "rayapp.data.cli",
+    "eval": "rayapp.eval.cli",
+    "generate": "rayapp.eval.generate",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayapp", description="ImageReward on Ray: score, data, eval, generate.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module_name in COMMANDS.values():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and err.name.startswith("rayapp"):
+                continue  # a sub-command whose module is not part of this install
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

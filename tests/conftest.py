@@ -1,0 +1,123 @@
+"""Shared fixtures: one real local Ray head node per test session, offline Hugging Face, tiny artefacts."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Tests never touch the network: the hub is unreachable here and in CI.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Token auth (Ray 2.60 default) breaks the CLI for a cluster started without it; tests use loopback only.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    """A `ray start --head --block` process on loopback, stopped by its PID."""
+
+    process: subprocess.Popen
+    gcs_address: str  # for ray.init(address=...)
+    dashboard_url: str  # for `ray job submit --address ...`
+    temp_dir: str
+    env: dict  # environment for CLI subprocesses (`ray job submit`, `serve run`)
+
+
+def _start_head(logical_cpus: int) -> RayCluster:
+    temp_dir = f"/tmp/rayapp-test-{os.getpid()}"
+    ports = {name: free_port() for name in (
+        "port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "node-manager-port", "object-manager-port",
+    )}
+    env = dict(os.environ)
+    env["RAY_AUTH_MODE"] = "disabled"
+    cmd = [
+        str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+        "--node-ip-address=127.0.0.1", f"--num-cpus={logical_cpus}", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ] + [f"--{name}={port}" for name, port in ports.items()]
+    log = open(f"/tmp/rayapp-test-head-{os.getpid()}.log", "w")
+    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    gcs_address = f"127.0.0.1:{ports['port']}"
+    dashboard_url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    deadline = time.time() + 120
+    import urllib.request
+
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}; see {log.name}")
+        try:
+            with urllib.request.urlopen(f"{dashboard_url}/api/version", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            time.sleep(1)
+    else:
+        raise RuntimeError(f"Ray head did not come up in 120 s; see {log.name}")
+    env["RAY_ADDRESS"] = gcs_address
+    return RayCluster(process, gcs_address, dashboard_url, temp_dir, env)
+
+
+def _stop_head(cluster: RayCluster) -> None:
+    if cluster.process.poll() is None:
+        cluster.process.send_signal(signal.SIGTERM)
+        try:
+            cluster.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(cluster.process.pid, signal.SIGKILL)
+            cluster.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The session's Ray: a real head node on loopback (8 logical CPUs on 2 cores), this process connected."""
+    import ray
+
+    cluster = _start_head(logical_cpus=8)
+    try:
+        ray.init(address=cluster.gcs_address, log_to_driver=False)
+        yield cluster
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()
+        _stop_head(cluster)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A small WordPiece vocabulary written to disk, as tests build for the tiny preset."""
+    from rayapp.model.tokenizer import build_wordpiece_tokenizer
+
+    words = (
+        "a an the of on in with and two three one four red green blue yellow white black purple orange "
+        "circle circles square squares triangle triangles small large big background photo picture cat dog "
+        "sunset over mountains painting portrait city night"
+    ).split()
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    build_wordpiece_tokenizer(words, save_dir=out)
+    return out
