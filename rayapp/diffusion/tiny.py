@@ -1,0 +1,233 @@
+"""A tiny Stable Diffusion pipeline built from configs (random weights), and a pipeline loader.
+
+`build_tiny_sd_pipeline(dir)` writes a complete `StableDiffusionPipeline` (UNet, VAE, CLIP text encoder,
+a small CLIP byte-level BPE vocabulary, DDIM scheduler) with `save_pretrained`; it loads offline with
+`StableDiffusionPipeline.from_pretrained(dir)` and renders 64x64 images in a few milliseconds per step on
+a CPU. Its architecture mirrors SD 1.x (4 latent channels, cross-attention UNet, VAE scaling 0.18215)
+at toy widths, so every code path of ReFL and generation runs unchanged against it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Words that get whole-word BPE tokens (everything else still splits into byte tokens): the vocabulary
+# of the synthetic captions and common test prompts.
+TINY_WORDS = (
+    "a an the of on in with and at to one two three four five red green blue yellow white black purple "
+    "orange pink brown gray grey circle circles square squares triangle triangles star stars small large "
+    "big tiny background photo picture image painting portrait drawing cat dog bird sunset over mountains "
+    "city night day sky sea tree house left right top bottom center middle above below next"
+).split()
+
+TINY_IMAGE_SIZE = 64  # output resolution in pixels (square)
+TINY_VAE_CHANNELS = (16, 32, 32)  # three VAE levels -> latent downsampling factor 4 -> 16x16x4 latents
+TINY_UNET_CHANNELS = (32, 64)
+TINY_TEXT_HIDDEN = 32
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode character table (256 entries)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def build_clip_bpe_vocab(words=TINY_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style byte-level BPE vocabulary: 256 byte symbols, their end-of-word forms, merges that
+    spell each word in `words` left to right, and the two special tokens. Returns (vocab, merges)."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for sym in symbols:
+        vocab.setdefault(sym, len(vocab))
+    for sym in symbols:
+        vocab.setdefault(sym + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for word in sorted({w.lower() for w in words}):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        if len(pieces) < 2:
+            continue
+        left = pieces[0]
+        for right in pieces[1:]:
+            pair = (left, right)
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+                vocab.setdefault(left + right, len(vocab))
+            left = left + right
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return vocab, merges
+
+
+def build_tiny_clip_tokenizer(save_dir: str | os.PathLike | None = None, words=TINY_WORDS):
+    """A `CLIPTokenizer` over the tiny BPE vocabulary (max length 77, as SD's); saved if `save_dir`."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_clip_bpe_vocab(words)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    if save_dir is not None:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(os.fspath(save_dir))
+    return tokenizer
+
+
+def build_tiny_sd_pipeline(save_dir: str | os.PathLike, seed: int = 0, scheduler: str = "ddim") -> Path:
+    """Build a tiny random-weight StableDiffusionPipeline from configs and `save_pretrained` it to `save_dir`.
+
+    seed: torch seed for the random weights (same seed -> identical pipeline).
+    scheduler: "ddim" or "ddpm" (both with SD's scaled-linear betas 0.00085..0.012 over 1000 steps).
+    Returns the directory, loadable with `StableDiffusionPipeline.from_pretrained(save_dir)` offline.
+    """
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    save_dir = Path(save_dir)
+    tokenizer = build_tiny_clip_tokenizer()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        latent_factor = 2 ** (len(TINY_VAE_CHANNELS) - 1)
+        unet = UNet2DConditionModel(
+            sample_size=TINY_IMAGE_SIZE // latent_factor,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=TINY_UNET_CHANNELS,
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=TINY_TEXT_HIDDEN,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(TINY_VAE_CHANNELS),
+            up_block_types=("UpDecoderBlock2D",) * len(TINY_VAE_CHANNELS),
+            block_out_channels=TINY_VAE_CHANNELS,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=TINY_IMAGE_SIZE,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=TINY_TEXT_HIDDEN,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=make_scheduler(scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    save_dir.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(os.fspath(save_dir), safe_serialization=True)
+    (save_dir / "rayapp_tiny.json").write_text(json.dumps({"seed": seed, "image_size": TINY_IMAGE_SIZE}))
+    return save_dir
+
+
+def make_scheduler(kind: str = "ddim", config: dict | None = None):
+    """A DDIM or DDPM scheduler; `config` (e.g. a pipeline's scheduler.config) overrides SD's defaults."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    base = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    if config is not None:
+        base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    kind = kind.lower()
+    if kind == "ddim":
+        return DDIMScheduler.from_config(base)
+    if kind == "ddpm":
+        return DDPMScheduler.from_config(base)
+    raise ValueError(f"unknown scheduler {kind!r}; use 'ddim' or 'ddpm'")
+
+
+def pipeline_resolution(pipe_or_unet_vae) -> int:
+    """Output resolution in pixels = UNet sample size (latent pixels) x VAE downsampling factor."""
+    unet = getattr(pipe_or_unet_vae, "unet", None)
+    vae = getattr(pipe_or_unet_vae, "vae", None)
+    if unet is None or vae is None:
+        unet, vae = pipe_or_unet_vae
+    sample = unet.config.sample_size
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return int(sample) * vae_scale_factor(vae)
+
+
+def vae_scale_factor(vae) -> int:
+    """Latent downsampling factor of an AutoencoderKL: 2 ** (levels - 1) (8 for SD, 4 for the tiny VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def load_pipeline(name_or_dir: str | os.PathLike, *, dtype=None, device=None, scheduler: str | None = None):
+    """Load a StableDiffusionPipeline from a local directory or a Hugging Face hub name.
+
+    name_or_dir: a `save_pretrained` directory (e.g. from `build_tiny_sd_pipeline`), or a hub name such as
+      "CompVis/stable-diffusion-v1-4" (goes through the HF cache; `HF_HUB_OFFLINE=1` is respected).
+      The special name "tiny" builds the tiny pipeline into a temporary directory first.
+    dtype: torch dtype or its name ("float32", "bfloat16", "float16"); default float32.
+    device: where to move the pipeline; default CPU.
+    scheduler: replace the pipeline's scheduler with "ddim" or "ddpm" (keeping its beta schedule).
+    The safety checker is not loaded (it scores nothing we need and doubles the download).
+    """
+    import tempfile
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or torch.float32
+    source = os.fspath(name_or_dir)
+    if source == "tiny":
+        source = os.fspath(build_tiny_sd_pipeline(tempfile.mkdtemp(prefix="rayapp-tiny-sd-")))
+    local = Path(source).is_dir()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, EnvironmentError) as err:
+        hint = "" if local else (
+            " It is not a local directory; as a hub name it needs network access or a cached copy"
+            " (HF_HUB_OFFLINE=1 forbids downloads)."
+        )
+        raise OSError(f"cannot load the Stable Diffusion pipeline {source!r}.{hint}") from err
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    if device is not None:
+        pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
