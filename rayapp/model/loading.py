@@ -1,0 +1,131 @@
+"""The one factory (`create_model`) and the loader (`load`) for hub names, official files and our dirs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import RewardModelConfig, get_preset
+from .modeling import ImageReward, resolve_dtype
+from .tokenizer import load_tokenizer
+
+# Known names -> (hub repo, weights file, med_config file). Downloads go through the Hugging Face cache.
+MODELS = {
+    "ImageReward-v1.0": ("THUDM/ImageReward", ckpt.OFFICIAL_WEIGHTS, ckpt.OFFICIAL_MED_CONFIG),
+}
+
+
+def available_models() -> list[str]:
+    """Names `load` can fetch from the hub."""
+    return list(MODELS)
+
+
+def _resolve_tokenizer(tokenizer: Any, config: RewardModelConfig, beside: Path | None):
+    """A tokenizer object from: the argument (object or name/dir), files beside the weights, or the config."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    if beside is not None and ckpt.has_tokenizer_files(beside):
+        return load_tokenizer(beside)
+    if config.tokenizer:
+        return load_tokenizer(config.tokenizer)
+    raise ValueError("no tokenizer: the config names none and none was saved with the weights; pass tokenizer=")
+
+
+def create_model(preset: str | RewardModelConfig = "tiny", *, tokenizer: Any = None, seed: int | None = None,
+                 **overrides) -> ImageReward:
+    """Build any architecture (a preset name or a config) with fresh weights."""
+    config = preset if isinstance(preset, RewardModelConfig) else get_preset(preset, **overrides)
+    if isinstance(preset, RewardModelConfig) and overrides:
+        config = RewardModelConfig.from_dict({**preset.to_dict(), **overrides})
+    tok = _resolve_tokenizer(tokenizer, config, None)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return ImageReward(config, tok)
+
+
+def _download(name: str, download_root: str | None) -> tuple[Path, Path]:
+    """Fetch (or find in the cache) the weights and med_config of a known model name."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, weights, med = MODELS[name]
+    try:
+        return (Path(hf_hub_download(repo, weights, cache_dir=download_root)),
+                Path(hf_hub_download(repo, med, cache_dir=download_root)))
+    except LocalEntryNotFoundError as err:
+        raise OSError(
+            f"cannot get {name!r} ({repo}): no network or HF_HUB_OFFLINE is set, and no cached copy was found "
+            f"in {download_root or 'the Hugging Face cache (HF_HOME / HF_HUB_CACHE)'}. Run once online, or pass "
+            f"a local path to {weights}."
+        ) from err
+    except HfHubHTTPError as err:
+        raise OSError(f"downloading {name!r} from {repo} failed: {err}") from err
+
+
+def _load_official(weights: Path, med_config: Path | dict, tokenizer: Any) -> ImageReward:
+    if not weights.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {weights}")
+    if isinstance(med_config, dict):
+        med = med_config
+    else:
+        if not Path(med_config).is_file():
+            raise FileNotFoundError(
+                f"med_config.json not found at {med_config}; put it beside {weights.name} or pass med_config="
+            )
+        med = json.loads(Path(med_config).read_text())
+    state = ckpt.read_official_state(weights)
+    config = ckpt.config_from_official(state, med)
+    model = ImageReward(config, _resolve_tokenizer(tokenizer, config, weights.parent))
+    ckpt.load_official_into(model, state, os.fspath(weights))
+    return model
+
+
+def _load_pretrained(directory: Path, tokenizer: Any) -> ImageReward:
+    config = RewardModelConfig.load(directory / ckpt.PRETRAINED_CONFIG)
+    model = ImageReward(config, _resolve_tokenizer(tokenizer, config, directory))
+    state = ckpt.read_pretrained_state(directory)
+    ckpt.load_state_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                           os.fspath(directory / ckpt.PRETRAINED_WEIGHTS))
+    return model
+
+
+def load(name_or_path: str | os.PathLike = "ImageReward-v1.0", *, device: str | torch.device | None = None,
+         dtype: torch.dtype | str | None = None, med_config: str | os.PathLike | dict | None = None,
+         download_root: str | os.PathLike | None = None, tokenizer: Any = None) -> ImageReward:
+    """Load a reward model in eval mode.
+
+    name_or_path: a name in `available_models()` (downloaded into the Hugging Face cache, or
+    `download_root`), an official `ImageReward.pt`, a directory holding one, or a `save_pretrained` dir.
+    device: defaults to CUDA when available. dtype: float32 (default), bfloat16 or float16 for the
+    encoders; the head stays float32.
+    """
+    key = os.fspath(name_or_path)
+    path = Path(key).expanduser()
+    if key in MODELS:
+        weights, med_path = _download(key, os.fspath(download_root) if download_root else None)
+        model = _load_official(weights, med_config if med_config is not None else med_path, tokenizer)
+    elif path.is_dir() and (path / ckpt.PRETRAINED_CONFIG).is_file():
+        model = _load_pretrained(path, tokenizer)
+    elif path.is_dir() and (path / ckpt.OFFICIAL_WEIGHTS).is_file():
+        model = _load_official(path / ckpt.OFFICIAL_WEIGHTS, med_config or path / ckpt.OFFICIAL_MED_CONFIG, tokenizer)
+    elif path.is_file():
+        model = _load_official(path, med_config or path.with_name(ckpt.OFFICIAL_MED_CONFIG), tokenizer)
+    elif path.is_dir():
+        raise FileNotFoundError(
+            f"{key}: directory holds neither {ckpt.PRETRAINED_CONFIG} (rayapp format) nor {ckpt.OFFICIAL_WEIGHTS}"
+        )
+    else:
+        raise ValueError(
+            f"{key!r} is neither a known model ({', '.join(available_models())}) nor an existing file or directory"
+        )
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    model.set_dtype(resolve_dtype(dtype) if dtype is not None else None)
+    return model.eval()
