@@ -207,11 +207,7 @@ class ImageReward(nn.Module):
     def inference_rank(self, prompt: str, images: Sequence[Any], *, batch_size: int = 16) -> tuple[list[int], list[float]]:
         """(ranking, rewards): ranking[i] is image i's rank, 1 = best; ties keep input order."""
         rewards = self.score(prompt, list(images), batch_size=batch_size)
-        order = sorted(range(len(rewards)), key=lambda i: -rewards[i])
-        ranking = [0] * len(rewards)
-        for rank, index in enumerate(order, start=1):
-            ranking[index] = rank
-        return ranking, rewards
+        return rank_from_scores(rewards), rewards
 
     # ---- training helpers -----------------------------------------------------------------------
     def freeze_fix_rate(self, fix_rate: float) -> None:
@@ -242,6 +238,15 @@ class ImageReward(nn.Module):
         from .checkpoint import export_official
 
         export_official(self, save_dir)
+
+
+def rank_from_scores(scores: Sequence[float]) -> list[int]:
+    """ranking[i] = rank of item i by descending score, 1 = best; ties keep input order."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    ranking = [0] * len(scores)
+    for rank, index in enumerate(order, start=1):
+        ranking[index] = rank
+    return ranking
 
 
 _DTYPES = {
