@@ -121,3 +121,53 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_tokenizer")
     build_wordpiece_tokenizer(words, save_dir=out)
     return out
+
+
+# --- serve ---
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A tiny reward model (random weights, fixed seed) written with save_pretrained."""
+    import rayapp
+
+    out = tmp_path_factory.mktemp("tiny_rm")
+    rayapp.create_model("tiny", tokenizer=tiny_tokenizer_dir, seed=0).save_pretrained(out)
+    return out
+
+
+# Small limits so the bad-input corpus stays cheap; autoscaling delays short enough for a test.
+SERVE_TEST_LIMITS = {"max_images": 8, "max_image_bytes": 1 << 20, "max_request_bytes": 2 << 20,
+                     "max_pixels": 4_000_000, "max_prompt_chars": 1000}
+SERVE_TEST_AUTOSCALING = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
+                          "target_ongoing_requests": 2, "upscale_delay_s": 0.5, "downscale_delay_s": 3.0,
+                          "metrics_interval_s": 0.5, "look_back_period_s": 1.0}
+
+
+@dataclass
+class ServeApp:
+    """The reward endpoint running on the session's Ray, reachable at `url` (127.0.0.1)."""
+
+    url: str
+    model_dir: Path
+    app_name: str
+
+
+@pytest.fixture(scope="module")
+def serve_app(ray_cluster, tiny_rm_dir):
+    """Serve on a free loopback port with the tiny checkpoint; shut down after the module (one Serve per cluster)."""
+    from ray import serve
+
+    from rayapp.serve.app import AppArgs, build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = AppArgs(
+        model=str(tiny_rm_dir), name="tiny-test", device="cpu", dtype="float32", num_threads=1,
+        max_batch_size=16, batch_wait_timeout_s=0.05, limits=SERVE_TEST_LIMITS,
+        scorer_options={"autoscaling_config": SERVE_TEST_AUTOSCALING, "ray_actor_options": {"num_cpus": 1}},
+        api_options={"ray_actor_options": {"num_cpus": 1}},
+    )
+    serve.run(build_app(args), name="rm", route_prefix="/")
+    try:
+        yield ServeApp(url=f"http://127.0.0.1:{port}", model_dir=tiny_rm_dir, app_name="rm")
+    finally:
+        serve.shutdown()
