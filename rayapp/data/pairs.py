@@ -58,3 +58,23 @@ def iter_pairs(path: str | os.PathLike) -> Iterator[dict]:
             pair["image_better"] = record["images"][pair["better"]]
             pair["image_worse"] = record["images"][pair["worse"]]
             yield pair
+
+
+def pair_stats(path: str | os.PathLike) -> dict:
+    """Prompts, images, unequal-rank pairs and pairs per kind of a Parquet shard dir (reads no image bytes)."""
+    import pyarrow.parquet as pq
+
+    from rayapp.data.shards import parquet_files
+
+    stats = {"prompts": 0, "images": 0, "pairs": 0, "kinds": {}}
+    for file in parquet_files(path):
+        parquet = pq.ParquetFile(file)
+        columns = [c for c in ("id", "prompt", "ranking", "faithfulness", "quality") if c in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(columns=columns):
+            for record in batch.to_pylist():
+                stats["prompts"] += 1
+                stats["images"] += len(record["ranking"])
+                for pair in expand_pairs(record):
+                    stats["pairs"] += 1
+                    stats["kinds"][pair["pair_kind"]] = stats["kinds"].get(pair["pair_kind"], 0) + 1
+    return stats
