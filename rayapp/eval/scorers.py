@@ -1,0 +1,92 @@
+"""Scorer specs: one string names any scorer the evaluation tools can load (ImageReward or a baseline).
+
+Spec grammar (used by `rayapp eval --scorer`, `jobs/score_dataset.py --scorer`, the benchmark):
+    [LABEL=]SOURCE
+    SOURCE = "ImageReward" | "ImageReward-v1.0"   the published model (hub THUDM/ImageReward)
+           | "CLIP" | "BLIP" | "Aesthetic"         a baseline with its real weights
+           | "CLIP:tiny" | "BLIP:tiny" | ...       a baseline with tiny random weights (tests, demos)
+           | PATH                                  a `save_pretrained` dir of ImageReward or of a baseline
+                                                   (a baseline dir holds scorer.json), or an official .pt
+LABEL names the output column (`score_<LABEL>`) and the table row; by default it is "ImageReward" for
+reward models and the baseline's name for baselines.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BASELINE_NAMES = ("CLIP", "BLIP", "Aesthetic")
+IMAGEREWARD_NAMES = ("ImageReward", "ImageReward-v1.0")
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    label: str  # display name and column suffix
+    kind: str  # "imagereward" or one of BASELINE_NAMES
+    source: str  # hub name, path, or "tiny"
+
+    @property
+    def column(self) -> str:
+        return "score_" + re.sub(r"[^0-9A-Za-z_]+", "_", self.label)
+
+    def to_string(self) -> str:
+        """The `LABEL=SOURCE` text that parses back to this spec (sent to Ray actors)."""
+        if self.kind == "imagereward":
+            source = self.source
+        else:
+            source = {"tiny": f"{self.kind}:tiny", "hub": self.kind}.get(self.source, self.source)
+        return f"{self.label}={source}"
+
+
+def _baseline_name(text: str) -> str | None:
+    for name in BASELINE_NAMES:
+        if text.lower() == name.lower():
+            return name
+    return None
+
+
+def parse_spec(text: str) -> ScorerSpec:
+    """Parse `[LABEL=]SOURCE` (see the module docstring)."""
+    text = text.strip()
+    label = None
+    if "=" in text and not Path(text).exists():
+        label, text = (part.strip() for part in text.split("=", 1))
+    if not text:
+        raise ValueError("empty scorer spec")
+    name, _, variant = text.partition(":")
+    baseline = _baseline_name(name)
+    if baseline and variant in ("", "tiny"):
+        return ScorerSpec(label or baseline, baseline, variant or "hub")
+    if text in IMAGEREWARD_NAMES:
+        return ScorerSpec(label or "ImageReward", "imagereward", "ImageReward-v1.0")
+    path = Path(text).expanduser()
+    if path.is_dir() and (path / "scorer.json").is_file():
+        kind = json.loads((path / "scorer.json").read_text())["scorer"]
+        return ScorerSpec(label or kind, kind, os.fspath(path))
+    if path.exists():
+        return ScorerSpec(label or "ImageReward", "imagereward", os.fspath(path))
+    raise ValueError(
+        f"unknown scorer {text!r}: use ImageReward, CLIP, BLIP, Aesthetic, NAME:tiny, or an existing path"
+    )
+
+
+def load_scorer(spec: ScorerSpec | str, *, device: Any = None, dtype: Any = None, tokenizer: Any = None,
+                download_root: str | None = None):
+    """Load the scorer a spec names; every scorer has `score`, `score_pairs` and `inference_rank`."""
+    if isinstance(spec, str):
+        spec = parse_spec(spec)
+    if spec.kind == "imagereward":
+        from rayapp.model.loading import load
+
+        return load(spec.source, device=device, dtype=dtype, tokenizer=tokenizer, download_root=download_root)
+    from rayapp.eval.baselines import load_score
+
+    if spec.source == "tiny":
+        return load_score(spec.kind, config="tiny", device=device, dtype=dtype, tokenizer=tokenizer)
+    if spec.source == "hub":
+        return load_score(spec.kind, device=device, dtype=dtype, tokenizer=tokenizer, download_root=download_root)
+    return load_score(spec.kind, spec.source, device=device, dtype=dtype)
