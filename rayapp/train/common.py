@@ -203,11 +203,13 @@ def restore_checkpoint(engine, on_directory: Callable[[Path], None] | None = Non
         return None
     with checkpoint.as_directory() as directory:
         directory = Path(directory)
+        state = json.loads((directory / STATE_FILE).read_text())
+        if state.get("finished"):
+            return state  # a final export checkpoint: nothing left to train, no engine state in it
         load_path, _ = engine.load_checkpoint(str(directory), tag=DS_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}")
-        state = json.loads((directory / STATE_FILE).read_text())
         if on_directory is not None:
             on_directory(directory)
     return state

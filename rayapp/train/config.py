@@ -51,9 +51,12 @@ class RMTrainConfig:
     data_dir: str | None = None  # dir with train/ and val/ Parquet comparison shards; None = synthesise one
     synth_prompts: int = 600  # prompts in the synthetic set made when data_dir is None (split train/val/test)
     synth_per_prompt: int = 4  # candidate images per synthetic prompt
+    materialize: str = "auto"  # keep preprocessed pairs in Ray's object store after the first pass: "auto"
+    #                            (when they fit in materialize_max_gib), "yes", "no" (re-read every epoch)
+    materialize_max_gib: float = 2.0  # GiB of float32 pixels above which "auto" streams instead
     # --- schedule ---
     epochs: int | None = None  # passes over the training pairs; None = preset default
-    max_steps: int | None = None  # optimizer updates in total; None = epochs x steps per epoch. Caps epochs.
+    max_steps: int | None = None  # optimizer updates in total; None = epochs x steps per epoch (overrides epochs)
     batch_pairs_per_worker: int | None = None  # pairs (2 images each) per micro-batch per worker
     grad_accum: int | None = None  # micro-batches per optimizer update
     lr: float | None = None  # peak learning rate; None = preset default (1e-5 full model, 3e-4 tiny)
@@ -104,6 +107,8 @@ class RMTrainConfig:
             raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.materialize not in ("auto", "yes", "no"):
+            raise ValueError(f"materialize must be auto, yes or no, got {self.materialize!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
         if not 0.0 <= self.fix_rate < 1.0:
