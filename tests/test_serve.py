@@ -126,3 +126,192 @@ def test_python_client(serve_app, tmp_path):
         client.score("", [png_bytes(1)])
     assert err.value.status == 422 and "prompt" in err.value.detail
     assert not RewardClient("http://127.0.0.1:9", timeout=2).health()  # nothing listens on the discard port
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width x height zeros: tens of kB on the wire, `width*height` pixels decoded."""
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    comp = zlib.compressobj(9)
+    rows_per_feed = 1000
+    idat = b"".join(comp.compress(row * min(rows_per_feed, height - y)) for y in range(0, height, rows_per_feed))
+    idat += comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """An IHDR claiming an RGB image of width x height followed by almost no data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+
+
+def _bad_cases(url: str) -> dict:
+    """name -> (callable sending the request, expected status, text the message must name)."""
+    good = b64(png_bytes(2))
+    post = lambda body, **kw: requests.post(f"{url}/v1/score", json=body, timeout=60, **kw)  # noqa: E731
+    big_noise = np.random.default_rng(0).integers(0, 256, 1_200_000, dtype=np.uint8).tobytes()
+    return {
+        "non_image_bytes": (lambda: post({"prompt": "a cat", "images": [good, b64(b"this is not an image at all")]}),
+                            422, "images[1]"),
+        "truncated_png": (lambda: post({"prompt": "a cat", "images": [good, good, b64(png_bytes(5)[:300])]}),
+                          422, "images[2]"),
+        "empty_prompt": (lambda: post({"prompt": "   ", "images": [good]}), 422, "prompt"),
+        "missing_prompt": (lambda: post({"images": [good]}), 422, "prompt"),
+        "invalid_json": (lambda: requests.post(f"{url}/v1/score", data=b"{prompt: oops",
+                                               headers={"Content-Type": "application/json"}, timeout=60),
+                         400, "JSON"),
+        "wrong_json_types": (lambda: post({"prompt": "a cat", "images": "abc"}), 422, "images"),
+        "unknown_json_field": (lambda: post({"prompt": "a cat", "images": [good], "url": "x"}), 422, "url"),
+        "not_base64": (lambda: post({"prompt": "a cat", "images": ["@@not base64@@"]}), 422, "images[0]"),
+        "url_instead_of_image": (lambda: post({"prompt": "a cat", "images": ["https://example.com/a.png"]}),
+                                 422, "not fetched"),
+        "no_images": (lambda: post({"prompt": "a cat", "images": []}), 422, "images"),
+        "too_many_images": (lambda: post({"prompt": "a cat", "images": [good] * 9}), 413, "limit is 8"),
+        "oversized_image": (lambda: post({"prompt": "a cat", "images": [b64(big_noise)]}), 413, "images[0]"),
+        "oversized_payload": (lambda: post({"prompt": "a cat", "images": ["A" * 3_000_000]}), 413, "body"),
+        "png_bomb_20k": (lambda: post({"prompt": "a cat", "images": [b64(png_bomb(20_000, 20_000))]}),
+                         422, "pixels"),
+        "png_header_20k": (lambda: post({"prompt": "a cat", "images": [good, b64(png_header_only(20_000, 20_000))]}),
+                           422, "images[1]"),
+        "png_over_pixel_limit": (lambda: post({"prompt": "a cat", "images": [b64(png_bomb(3000, 3000))]}),
+                                 422, "limit of 4000000"),
+        "prompt_10k_chars": (lambda: post({"prompt": "a" * 10_000, "images": [good]}), 422, "10000 characters"),
+        "wrong_content_type": (lambda: requests.post(f"{url}/v1/score", data="prompt=a", timeout=60,
+                                                     headers={"Content-Type": "text/plain"}), 415, "content-type"),
+        "multipart_text_as_image": (lambda: requests.post(f"{url}/v1/score", files={"prompt": (None, "a cat"),
+                                                                                     "images": (None, "text")},
+                                                          timeout=60), 422, "images[0]"),
+        "pairs_length_mismatch": (lambda: requests.post(f"{url}/v1/score_pairs", timeout=60,
+                                                        json={"prompts": ["a", "b"], "images": [good]}),
+                                  422, "prompts"),
+        "annotate_not_an_image": (lambda: requests.post(f"{url}/v1/annotate", timeout=60,
+                                                        json={"prompt": "a", "image": b64(b"GIF89a junk")}),
+                                  422, "image"),
+    }
+
+
+def test_bad_input_corpus_is_refused_and_server_stays_healthy(serve_app):
+    for name, (send, status, needle) in _bad_cases(serve_app.url).items():
+        resp = send()
+        assert resp.status_code == status, f"{name}: {resp.status_code} {resp.text[:300]}"
+        detail = resp.json()["detail"]
+        assert needle.lower() in str(detail).lower(), f"{name}: {detail!r} does not name {needle!r}"
+        good_request_succeeds(serve_app.url)
+
+
+def test_bad_images_do_not_poison_concurrent_batches(serve_app):
+    bad = b64(png_bytes(5)[:300])
+    good = [png_bytes(20 + i) for i in range(12)]
+
+    def one(i: int) -> requests.Response:
+        if i % 3 == 0:
+            return requests.post(f"{serve_app.url}/v1/score", json={"prompt": "a cat", "images": [bad]}, timeout=60)
+        return score_json(serve_app.url, "a cat", [good[i]])
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    assert [r.status_code for r in results] == [422 if i % 3 == 0 else 200 for i in range(12)]
+
+
+# ---- batching, autoscaling, fault tolerance --------------------------------------------------------
+
+def test_concurrent_requests_are_batched(serve_app):
+    images = [png_bytes(100 + i) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda img: score_json(serve_app.url, "a blue square", [img]), images))
+    assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
+    merged = [r.json()["batch_requests"] for r in results]
+    assert max(merged) > 1, f"no request shared a forward pass: {merged}"
+    assert max(r.json()["batch_size"] for r in results) > 1
+
+
+def _scorer_replicas(state: str = "RUNNING") -> int:
+    from ray import serve
+
+    deployment = serve.status().applications["rm"].deployments["RewardScorer"]
+    return deployment.replica_states.get(state, 0)
+
+
+def _scorer_pids(cluster) -> set[int]:
+    from ray.util.state import list_actors
+
+    # An explicit address: other Ray clusters may run on this machine.
+    actors = list_actors(address=cluster.dashboard_url, filters=[("class_name", "=", "ServeReplica:rm:RewardScorer"), ("state", "=", "ALIVE")])
+    return {a.pid for a in actors}
+
+
+class LoopbackLoad:
+    """`clients` threads posting one-image requests to 127.0.0.1 until stopped or `max_requests` are sent."""
+
+    def __init__(self, url: str, clients: int, max_requests: int):
+        self.url, self.clients, self.max_requests = url, clients, max_requests
+        self.sent = 0
+        self.statuses: list[int] = []
+        self.stop = False
+        self.pool = ThreadPoolExecutor(clients)
+        self.image = png_bytes(42)
+
+    def _client(self) -> None:
+        session = requests.Session()
+        while not self.stop and self.sent < self.max_requests:
+            self.sent += 1
+            try:
+                status = session.post(f"{self.url}/v1/score", timeout=60,
+                                      json={"prompt": "a red circle", "images": [b64(self.image)]}).status_code
+            except requests.RequestException:
+                status = -1
+            self.statuses.append(status)
+
+    def __enter__(self) -> "LoopbackLoad":
+        self.futures = [self.pool.submit(self._client) for _ in range(self.clients)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop = True
+        self.pool.shutdown(wait=True)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def test_load_scales_one_to_two_replicas_and_back(serve_app):
+    assert wait_for(lambda: _scorer_replicas() == 1, timeout=60), "did not start from one replica"
+    with LoopbackLoad(serve_app.url, clients=8, max_requests=3000) as load:
+        scaled_up = wait_for(lambda: _scorer_replicas() == 2, timeout=60)
+        if scaled_up:  # the second replica must serve as well, not just exist
+            time.sleep(1.0)
+    assert scaled_up, f"never reached 2 replicas after {load.sent} requests"
+    assert load.statuses.count(200) == len(load.statuses), f"failures under load: {set(load.statuses)}"
+    assert wait_for(lambda: _scorer_replicas() == 1 and _scorer_replicas("STOPPING") == 0, timeout=60), \
+        "did not scale back down to one replica"
+    good_request_succeeds(serve_app.url)
+
+
+def test_killed_replica_is_replaced(serve_app, ray_cluster):
+    assert wait_for(lambda: len(_scorer_pids(ray_cluster)) >= 1, timeout=30)
+    before = _scorer_pids(ray_cluster)
+    victim = sorted(before)[0]
+    with LoopbackLoad(serve_app.url, clients=4, max_requests=2000) as load:
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        replaced = wait_for(lambda: victim not in _scorer_pids(ray_cluster) and len(_scorer_pids(ray_cluster) - before) >= 1
+                            and _scorer_replicas() >= 1, timeout=90)
+    assert replaced, f"replica {victim} was not replaced; alive: {_scorer_pids(ray_cluster)}"
+    assert load.statuses.count(200) > 0
+    for i in range(5):
+        resp = score_json(serve_app.url, "a green triangle", [png_bytes(200 + i)])
+        assert resp.status_code == 200, resp.text
+    health = requests.get(f"{serve_app.url}/healthz", timeout=30)
+    assert health.status_code == 200
