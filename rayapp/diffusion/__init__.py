@@ -4,6 +4,6 @@ Importing this package is light; diffusers is imported inside the functions.
 """
 from __future__ import annotations
 
-from rayapp.diffusion.tiny import build_tiny_sd_pipeline, load_pipeline, pipeline_resolution
+from rayapp.diffusion.tiny import build_tiny_sd_pipeline, load_pipeline, pipeline_resolution, tiny_sd_pipeline
 
-__all__ = ["build_tiny_sd_pipeline", "load_pipeline", "pipeline_resolution"]
+__all__ = ["build_tiny_sd_pipeline", "load_pipeline", "pipeline_resolution", "tiny_sd_pipeline"]

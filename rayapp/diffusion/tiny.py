@@ -87,12 +87,23 @@ def build_tiny_sd_pipeline(save_dir: str | os.PathLike, seed: int = 0, scheduler
     seed: torch seed for the random weights (same seed -> identical pipeline).
     scheduler: "ddim" or "ddpm" (both with SD's scaled-linear betas 0.00085..0.012 over 1000 steps).
     Returns the directory, loadable with `StableDiffusionPipeline.from_pretrained(save_dir)` offline.
+    Call it outside a torch.distributed job (transformers writes weights only on rank 0 there); inside
+    one, use `tiny_sd_pipeline` (in memory).
     """
+    save_dir = Path(save_dir)
+    pipe = tiny_sd_pipeline(seed=seed, scheduler=scheduler)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(os.fspath(save_dir), safe_serialization=True)
+    (save_dir / "rayapp_tiny.json").write_text(json.dumps({"seed": seed, "image_size": TINY_IMAGE_SIZE}))
+    return save_dir
+
+
+def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
+    """The tiny pipeline of `build_tiny_sd_pipeline`, in memory (same seed -> same weights, any process)."""
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    save_dir = Path(save_dir)
     tokenizer = build_tiny_clip_tokenizer()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -146,10 +157,8 @@ def build_tiny_sd_pipeline(save_dir: str | os.PathLike, seed: int = 0, scheduler
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    save_dir.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(os.fspath(save_dir), safe_serialization=True)
-    (save_dir / "rayapp_tiny.json").write_text(json.dumps({"seed": seed, "image_size": TINY_IMAGE_SIZE}))
-    return save_dir
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def make_scheduler(kind: str = "ddim", config: dict | None = None):
@@ -197,14 +206,12 @@ def load_pipeline(name_or_dir: str | os.PathLike, *, dtype=None, device=None, sc
 
     name_or_dir: a `save_pretrained` directory (e.g. from `build_tiny_sd_pipeline`), or a hub name such as
       "CompVis/stable-diffusion-v1-4" (goes through the HF cache; `HF_HUB_OFFLINE=1` is respected).
-      The special name "tiny" builds the tiny pipeline into a temporary directory first.
+      The special name "tiny" builds the tiny pipeline (seed 0) in memory.
     dtype: torch dtype or its name ("float32", "bfloat16", "float16"); default float32.
     device: where to move the pipeline; default CPU.
     scheduler: replace the pipeline's scheduler with "ddim" or "ddpm" (keeping its beta schedule).
     The safety checker is not loaded (it scores nothing we need and doubles the download).
     """
-    import tempfile
-
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -213,7 +220,8 @@ def load_pipeline(name_or_dir: str | os.PathLike, *, dtype=None, device=None, sc
     dtype = dtype or torch.float32
     source = os.fspath(name_or_dir)
     if source == "tiny":
-        source = os.fspath(build_tiny_sd_pipeline(tempfile.mkdtemp(prefix="rayapp-tiny-sd-")))
+        pipe = tiny_sd_pipeline(seed=0, scheduler=scheduler or "ddim").to(dtype=dtype)
+        return pipe.to(device) if device is not None else pipe
     local = Path(source).is_dir()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
