@@ -322,6 +322,23 @@ def _is_pretrain_update(cfg: ReFLConfig, step: int) -> tuple[bool, bool]:
     return (not hit), hit
 
 
+def _timing_and_memory(step_times: list[float], device: torch.device) -> dict:
+    """Seconds per update (median excludes the first, which includes data start-up) and peak memory."""
+    import statistics
+
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        import resource
+
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (RSS)
+    return {
+        "train_step_seconds": sum(step_times) / max(1, len(step_times)),
+        "train_step_seconds_median": statistics.median(step_times[1:] or step_times) if step_times else 0.0,
+        "peak_memory_mb": peak_mb,
+    }
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: one data-parallel ReFL worker."""
     import ray.train
@@ -436,6 +453,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     checkpoint_every = cfg.checkpoint_every or cfg.eval_every
     running: dict[str, list[float]] = {}
+    step_times: list[float] = []  # seconds per update in this run (the first includes data start-up)
     step = start_step
     while step < cfg.max_steps:
         t0 = time.perf_counter()
@@ -460,6 +478,7 @@ def train_loop_per_worker(config: dict) -> None:
         if ema is not None:
             ema.step(trainable_params())
         step += 1
+        step_times.append(time.perf_counter() - t0)
         if rank == 0:
             parts_txt = " ".join(f"{k}={v[-1]:.5g}" for k, v in running.items())
             print(f"[refl] step {step}/{cfg.max_steps} {time.perf_counter() - t0:.2f}s {parts_txt}", flush=True)
@@ -469,6 +488,7 @@ def train_loop_per_worker(config: dict) -> None:
         if do_eval or do_ckpt:
             metrics = run_eval(step) if do_eval else {}
             metrics.update({f"train_{k}": sum(v) / len(v) for k, v in running.items() if k != "grad_index"})
+            metrics.update(_timing_and_memory(step_times, device))
             running = {}
             report(metrics, step, with_checkpoint=bool(do_ckpt), final=is_last)
     if start_step >= cfg.max_steps:  # nothing to do: still export the final model once
