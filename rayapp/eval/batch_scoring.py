@@ -14,6 +14,10 @@ Row keys: every output row carries `_row_key`, unique and deterministic per inpu
 (folder input), or the value of `key_column` when given (must be unique). `resume=True` reads the keys
 already in the output and scores only the others.
 
+Execution: `ray.data.from_items(units)` -> one `map_batches(ScoreActor)` stage over an actor pool
+(`concurrency` actors, `num_cpus` / `num_gpus` each); each actor loads every requested scorer once, reads its
+unit's rows itself, decodes each image once and runs each scorer in batches of `batch_size`.
+
 Writing: the driver streams the scored blocks (`iter_batches(batch_size=None)`) and writes each block to its
 own `part-<run>-<seq>.parquet` through a temporary file renamed on completion, so a crash loses at most the
 blocks in flight and never leaves a half-written part. Every output row = the input row + `score_<label>`
@@ -153,7 +157,8 @@ def plan_units(config: ScoreJobConfig, fmt: str, done: set[str]) -> tuple[list[d
                 continue
             pending.append({**{k: (None if v is None else str(v)) for k, v in row.items()}, ROW_KEY: key})
         for start in range(0, len(pending), step):
-            units.append({"kind": "rows", "rows": json.dumps(pending[start:start + step])})
+            units.append({"kind": "rows", "file": "", "group": -1, "rows": json.dumps(pending[start:start + step]),
+                          "keys": "[]"})
         return units, len(pending), skipped
     import pyarrow.parquet as pq
 
@@ -179,95 +184,99 @@ def plan_units(config: ScoreJobConfig, fmt: str, done: set[str]) -> tuple[list[d
     return units, todo, skipped
 
 
-def read_unit(batch: dict) -> "Any":
-    """Ray Data stage: one planned unit (a one-row batch) -> a pyarrow Table of its input rows + `_row_key`."""
+def read_unit(unit: dict) -> "Any":
+    """One planned unit -> a pyarrow Table of its input rows + `_row_key` (runs inside the actor)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    kind = str(batch["kind"][0])
-    if kind == "rows":
-        return pa.Table.from_pylist(json.loads(str(batch["rows"][0])))
-    rows = json.loads(str(batch["rows"][0]))
-    keys = json.loads(str(batch["keys"][0]))
-    table = pq.ParquetFile(str(batch["file"][0])).read_row_group(int(batch["group"][0]))
+    if str(unit["kind"]) == "rows":
+        return pa.Table.from_pylist(json.loads(str(unit["rows"])))
+    rows = json.loads(str(unit["rows"]))
+    table = pq.ParquetFile(str(unit["file"])).read_row_group(int(unit["group"]))
     table = table.take(pa.array(rows, type=pa.int64()))
-    return table.append_column(ROW_KEY, pa.array(keys, type=pa.string()))
+    return table.append_column(ROW_KEY, pa.array(json.loads(str(unit["keys"])), type=pa.string()))
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def score_with_fallback(scorer, prompts: list[str], images: list, batch_size: int) -> tuple[list[float], list[str | None]]:
-    """Score pairs in batches; a batch with an undecodable image is rescored one by one, the bad ones NaN."""
-    from rayapp.model.images import ImageInputError
+def decode_all(images: list) -> tuple[list, list[str | None]]:
+    """Decode every image input once (PIL); undecodable ones become None with the reason."""
+    from rayapp.model.images import ImageInputError, load_image
 
-    try:
-        return scorer.score_pairs(prompts, images, batch_size=batch_size), [None] * len(images)
-    except (ImageInputError, ValueError, TypeError):
-        pass
-    scores: list[float] = []
-    errors: list[str | None] = []
-    for prompt, image in zip(prompts, images):
+    decoded, errors = [], []
+    for index, item in enumerate(images):
         try:
-            scores.append(scorer.score_pairs([prompt], [image])[0])
+            decoded.append(load_image(item, index))
             errors.append(None)
-        except (ImageInputError, ValueError, TypeError) as err:
-            scores.append(math.nan)
-            errors.append(f"{type(err).__name__}: {err}")
-    return scores, errors
+        except ImageInputError as err:
+            decoded.append(None)
+            errors.append(str(err))
+    return decoded, errors
 
 
 class ScoreActor:
-    """Ray Data actor: loads one scorer once, then adds its column to every batch it receives."""
+    """Ray Data actor: loads every scorer once; per call reads one planned unit, decodes each image once,
+    and adds one `score_<label>` column per scorer plus `score_error`."""
 
-    def __init__(self, spec: str, fmt: str, image_column: str, prompt_column: str, folder: str | None,
+    def __init__(self, specs: list[str], fmt: str, image_column: str, prompt_column: str, folder: str | None,
                  batch_size: int, device: str | None, dtype: str | None, tokenizer: str | None):
         import torch
 
         from rayapp.eval.scorers import load_scorer, parse_spec
 
-        self.spec = parse_spec(spec)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.scorer = load_scorer(self.spec, device=device, dtype=dtype, tokenizer=tokenizer)
+        self.specs = [parse_spec(s) for s in specs]
+        self.scorers = [load_scorer(s, device=device, dtype=dtype, tokenizer=tokenizer) for s in self.specs]
         self.fmt, self.image_column, self.prompt_column = fmt, image_column, prompt_column
         self.folder = Path(folder) if folder else None
         self.batch_size = batch_size
 
-    def __call__(self, table):
+    def __call__(self, batch: dict):
+        import pyarrow as pa
+
+        count = len(batch["kind"])
+        tables = [self.score_table(read_unit({k: v[i] for k, v in batch.items()})) for i in range(count)]
+        return pa.concat_tables(tables) if count > 1 else tables[0]
+
+    def score_table(self, table):
         import pyarrow as pa
 
         prompts = [str(p) for p in table[self.prompt_column].to_pylist()]
         if self.fmt == "comparison":
             lists = table["images"].to_pylist()
-            flat_prompts = [p for p, imgs in zip(prompts, lists) for _ in imgs]
-            flat_images = [img for imgs in lists for img in imgs]
-        elif self.fmt == "folder":
-            flat_prompts = prompts
-            flat_images = [os.fspath(self.folder / p) for p in table["path"].to_pylist()]
+            lengths = [len(images) for images in lists]
+            flat_images = [img for images in lists for img in images]
         else:
-            flat_prompts = prompts
-            flat_images = table[self.image_column].to_pylist()
-        scores, errors = score_with_fallback(self.scorer, flat_prompts, flat_images, self.batch_size)
-        if self.fmt == "comparison":
-            grouped, row_errors, pos = [], [], 0
-            for imgs in lists:
-                grouped.append(scores[pos:pos + len(imgs)])
-                bad = [f"images[{i}]: {e}" for i, e in enumerate(errors[pos:pos + len(imgs)]) if e]
-                row_errors.append("; ".join(bad) if bad else None)
-                pos += len(imgs)
-            column = pa.array(grouped, type=pa.list_(pa.float64()))
-        else:
-            column, row_errors = pa.array(scores, type=pa.float64()), errors
-        table = table.append_column(self.spec.column, column)
-        # one error column for all scorers: earlier scorers' messages are kept, ours appended
-        previous = [None] * table.num_rows
-        if ERROR_COLUMN in table.column_names:
-            previous = table[ERROR_COLUMN].to_pylist()
-            table = table.drop_columns([ERROR_COLUMN])
-        merged = []
-        for before, error in zip(previous, row_errors):
-            parts = [m for m in (before, f"{self.spec.label}: {error}" if error else None) if m]
-            merged.append("; ".join(parts) if parts else None)
-        return table.append_column(ERROR_COLUMN, pa.array(merged, type=pa.string()))
+            lengths = [1] * table.num_rows
+            if self.fmt == "folder":
+                flat_images = [os.fspath(self.folder / p) for p in table["path"].to_pylist()]
+            else:
+                flat_images = table[self.image_column].to_pylist()
+        flat_prompts = [p for p, n in zip(prompts, lengths) for _ in range(n)]
+        decoded, errors = decode_all(flat_images)
+        good = [i for i, img in enumerate(decoded) if img is not None]
+        row_errors, pos = [], 0
+        for n in lengths:
+            bad = [errors[pos + i] for i in range(n) if errors[pos + i]]
+            row_errors.append("; ".join(bad) if bad else None)
+            pos += n
+        for spec, scorer in zip(self.specs, self.scorers):
+            flat = [math.nan] * len(flat_images)
+            if good:
+                values = scorer.score_pairs([flat_prompts[i] for i in good], [decoded[i] for i in good],
+                                            batch_size=self.batch_size)
+                for i, value in zip(good, values):
+                    flat[i] = value
+            if self.fmt == "comparison":
+                grouped, pos = [], 0
+                for n in lengths:
+                    grouped.append(flat[pos:pos + n])
+                    pos += n
+                column = pa.array(grouped, type=pa.list_(pa.float64()))
+            else:
+                column = pa.array(flat, type=pa.float64())
+            table = table.append_column(spec.column, column)
+        return table.append_column(ERROR_COLUMN, pa.array(row_errors, type=pa.string()))
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -331,17 +340,14 @@ def run_score_job(config: ScoreJobConfig) -> ScoreJobResult:
         ray.init(log_to_driver=False)
     folder = os.fspath(Path(config.input)) if fmt == "folder" else None
     ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(read_unit, batch_size=1, batch_format="numpy", num_cpus=0.25)
-    for spec in specs:
-        ds = ds.map_batches(
-            ScoreActor,
-            fn_constructor_kwargs=dict(spec=spec.to_string(), fmt=fmt, image_column=config.image_column,
-                                       prompt_column=config.prompt_column, folder=folder,
-                                       batch_size=config.batch_size, device=config.device, dtype=config.dtype,
-                                       tokenizer=config.tokenizer),
-            batch_size=None, batch_format="pyarrow", concurrency=config.concurrency,
-            num_cpus=config.num_cpus, num_gpus=config.num_gpus or None,
-        )
+    ds = ds.map_batches(
+        ScoreActor,
+        fn_constructor_kwargs=dict(specs=[s.to_string() for s in specs], fmt=fmt, image_column=config.image_column,
+                                   prompt_column=config.prompt_column, folder=folder, batch_size=config.batch_size,
+                                   device=config.device, dtype=config.dtype, tokenizer=config.tokenizer),
+        batch_size=1, batch_format="numpy", concurrency=config.concurrency,
+        num_cpus=config.num_cpus, num_gpus=config.num_gpus or None,
+    )
     crash_after = int(os.environ.get(CRASH_AFTER_ENV, "0") or 0)
     run_id = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}"
     from tqdm.auto import tqdm
