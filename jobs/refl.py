@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 # Offline-default overrides: small enough for 2 CPUs in a few minutes, strong enough to move a tiny RM.
 OFFLINE_DEFAULTS = dict(
     num_inference_steps=8, grad_step_min=3, grad_step_max=7, max_steps=24, eval_every=8,
-    learning_rate=3e-3, grad_scale=1.0, pretrain_weight=0.05, train_batch_size=2, output_dir="runs/refl",
+    learning_rate=3e-3, grad_scale=1.0, pretrain_weight=1e-3, train_batch_size=2, output_dir="runs/refl",
 )
 DEFAULT_RM_DIR = Path("runs/rm/model")  # where jobs/train_rm.py puts its model
 DEFAULT_SYNTH_DIR = Path("runs/rm/data/train")  # ... and its synthetic training split

@@ -80,7 +80,7 @@ def test_refl_raises_reward_with_pretraining_loss(ray_cluster, tmp_path, pretrai
     from diffusers import StableDiffusionPipeline
 
     result = _run(tmp_path, "full", max_steps=12, eval_every=0, learning_rate=3e-3, grad_scale=1.0,
-                  pretrain_data=str(pretrain_dir), pretrain_weight=0.05, pretrain_every=1)
+                  pretrain_data=str(pretrain_dir), pretrain_weight=1e-3, pretrain_every=1)
     before, after = result.history[0], result.history[-1]
     assert before["step"] == 0 and after["step"] == 12 and result.steps == 12
     # "clear margin": at least 3 standard deviations of the untuned pipeline's per-image rewards
