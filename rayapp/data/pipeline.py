@@ -131,31 +131,54 @@ def torch_batches(data, batch_size: int, *, local_shuffle_buffer_size: int | Non
         }
 
 
-def build_pair_dataset(path: str | os.PathLike, *, image_size: int, tokenizer_dir: str | os.PathLike,
-                       max_length: int, shuffle_seed: int | None = None, with_ids: bool = False,
-                       batch_size: int = DEFAULT_BATCH_SIZE, cpus_per_task: float = DEFAULT_CPUS_PER_TASK,
-                       preprocess_actors: int | tuple[int, int] = (1, 2)):
-    """A lazy `ray.data.Dataset` of preprocessed (better, worse) pairs from a Parquet shard dir.
+def build_pair_rows(path: str | os.PathLike, *, shuffle_seed: int | None = None,
+                    cpus_per_task: float = DEFAULT_CPUS_PER_TASK):
+    """A lazy dataset of still-encoded pairs: pair_id, prompt, image_better, image_worse (bytes), pair_kind.
 
-    `shuffle_seed` set: a seeded full shuffle of the pairs (same order every epoch; add a per-epoch
-    `local_shuffle_seed` in `iter_torch_batches` for variety). None: file order, deterministic.
-    `preprocess_actors`: actor count (or (min, max) autoscaling range) for decoding + preprocessing.
+    The first half of the pipeline, also useful for batch scoring / evaluation that preprocesses itself.
     """
     import ray
 
-    path = Path(path)
-    columns = _input_columns(path)
-    remote_args = {"num_cpus": cpus_per_task}
-    ds = ray.data.read_parquet(str(path), columns=columns, ray_remote_args=remote_args)
-    ds = ds.flat_map(pair_rows, **remote_args)
+    ds = ray.data.read_parquet(os.fspath(path), columns=_input_columns(path), num_cpus=cpus_per_task)
+    ds = ds.flat_map(pair_rows, num_cpus=cpus_per_task)
     if shuffle_seed is not None:
-        ds = ds.random_shuffle(seed=shuffle_seed, **remote_args)
-    return ds.map_batches(
+        ds = ds.random_shuffle(seed=shuffle_seed, num_cpus=cpus_per_task)
+    # read tasks finish in any order; without this the shuffle's input order, and so its output, varies
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def build_pair_dataset(path: str | os.PathLike, *, image_size: int, tokenizer_dir: str | os.PathLike,
+                       max_length: int, shuffle_seed: int | None = None, with_ids: bool = False,
+                       batch_size: int = DEFAULT_BATCH_SIZE, cpus_per_task: float = DEFAULT_CPUS_PER_TASK,
+                       preprocess_actors: int | tuple[int, int] = (1, 2), preserve_order: bool = True):
+    """A lazy `ray.data.Dataset` of preprocessed (better, worse) pairs from a Parquet shard dir.
+
+    `shuffle_seed` set: a seeded full shuffle of the pairs (same order every epoch; add a per-epoch
+    `local_shuffle_seed` when iterating for variety). None: file order. `preserve_order` keeps that order
+    through the parallel preprocessing actors, so a seed fixes the output order when iterating this
+    dataset directly; Ray Train replaces the execution options with its DataConfig's (see
+    `train_data_config`), and `streaming_split` hands blocks to whichever worker asks first.
+    `preprocess_actors`: actor count (or (min, max) autoscaling range) for decoding + preprocessing.
+    """
+    ds = build_pair_rows(path, shuffle_seed=shuffle_seed, cpus_per_task=cpus_per_task)
+    ds = ds.map_batches(
         PairPreprocessor,
         fn_constructor_kwargs={"image_size": image_size, "tokenizer_dir": os.fspath(tokenizer_dir),
                                "max_length": max_length, "with_ids": with_ids},
-        batch_size=batch_size, batch_format="numpy", concurrency=preprocess_actors, **remote_args,
+        batch_size=batch_size, batch_format="numpy", concurrency=preprocess_actors, num_cpus=cpus_per_task,
     )
+    ds.context.execution_options.preserve_order = preserve_order
+    return ds
+
+
+def train_data_config(preserve_order: bool = True):
+    """`ray.train.DataConfig` that shards every dataset (train and val) and keeps the seeded block order."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = preserve_order
+    return DataConfig(datasets_to_split="all", execution_options=options)
 
 
 def build_train_val_datasets(data_dir: str | os.PathLike | None = None, *, image_size: int, max_length: int,

@@ -1,0 +1,242 @@
+"""Comparison data: pair expansion, synthetic set, JSON -> Parquet conversion, and the Ray Data pipeline."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rayapp.data import synth
+from rayapp.data.formats import BadRecordsError, convert
+from rayapp.data.pairs import expand_pairs, iter_pairs, pair_indices, pair_stats
+from rayapp.data.shards import iter_comparisons
+
+SYNTH_SIZE = 64
+PIPE_SIZE = 48  # != the stored 64 px, so the pipeline's resize + crop path is exercised
+MAX_LEN = 16
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "set"
+    synth.write_synthetic_set(out, prompts=20, per_prompt=4, seed=11, image_size=SYNTH_SIZE,
+                              val_fraction=0.2, test_fraction=0.2, rows_per_shard=6, progress=False)
+    return out
+
+
+def _write_png(path: Path, colour, size=(40, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+@pytest.fixture()
+def json_db(tmp_path) -> tuple[Path, Path]:
+    """An ImageRewardDB-style JSON with two good records (with ties) and four bad ones."""
+    root = tmp_path / "images"
+    for i in range(4):
+        _write_png(root / "p" / f"{i}.png", (60 * i, 20, 200 - 40 * i))
+    (root / "p" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    records = [
+        {"id": "good-1", "prompt": "a red cat", "generations": ["p/0.png", "p/1.png", "p/2.png", "p/3.png"],
+         "ranking": [2, 1, 2, 3]},
+        {"id": "missing-file", "prompt": "a dog", "generations": ["p/0.png", "p/nope.png"], "ranking": [1, 2]},
+        {"id": "bad-length", "prompt": "a dog", "generations": ["p/0.png", "p/1.png"], "ranking": [1, 2, 3]},
+        {"id": "corrupt-image", "prompt": "a dog", "generations": ["p/corrupt.png", "p/1.png"], "ranking": [1, 2]},
+        {"id": "empty-prompt", "prompt": "  ", "generations": ["p/0.png", "p/1.png"], "ranking": [1, 2]},
+        {"id": "good-2", "prompt": "two blue circles", "generations": ["p/3.png", "p/2.png", "p/1.png"],
+         "ranking": [1, 1, 2]},
+    ]
+    path = tmp_path / "db.json"
+    path.write_text(json.dumps(records))
+    return path, root
+
+
+BAD_IDS = {"missing-file", "bad-length", "corrupt-image", "empty-prompt"}
+
+
+# ---------------------------------------------------------------- pairs
+
+def test_expand_pairs_with_ties_hand_computed():
+    # ranks 2,1,2,3: image 1 beats 0, 2, 3; 0 and 2 tie (no pair); 0 and 2 beat 3 -> 5 pairs
+    assert pair_indices([2, 1, 2, 3]) == [(1, 0), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert pair_indices([1, 1, 1]) == []
+    assert pair_indices([3, 1]) == [(1, 0)]
+    record = {"id": "r", "prompt": "p", "ranking": [1, 2, 2, 4], "faithfulness": [2, 2, 1, 1], "quality": [2, 1, 2, 0]}
+    kinds = {(p["better"], p["worse"]): p["pair_kind"] for p in expand_pairs(record)}
+    # (0,1): same f, q 2>1 -> quality; (0,2): same q, f differs -> caption; (0,3): both differ;
+    # (1,2): tie, no pair; (1,3): f differs, q differs -> both; (2,3): same f -> quality
+    assert kinds == {(0, 1): "quality", (0, 2): "caption", (0, 3): "both", (1, 3): "both", (2, 3): "quality"}
+    plain = {"id": "h", "prompt": "p", "ranking": [1, 2]}
+    assert [p["pair_kind"] for p in expand_pairs(plain)] == ["human"]
+
+
+# ---------------------------------------------------------------- synthetic set
+
+def _colour_area(img: Image.Image, colour) -> int:
+    arr = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return int((np.abs(arr - np.array(colour)).max(axis=-1) <= 30).sum())
+
+
+def test_synth_is_deterministic_and_follows_the_rule(synth_dir, tmp_path):
+    again = tmp_path / "again"
+    synth.write_synthetic_set(again, prompts=20, per_prompt=4, seed=11, image_size=SYNTH_SIZE,
+                              val_fraction=0.2, test_fraction=0.2, rows_per_shard=6, progress=False)
+    for split in ("train", "val", "test"):
+        assert list(iter_comparisons(synth_dir / split)) == list(iter_comparisons(again / split)), split
+    assert synth.make_record(3, seed=11) != synth.make_record(3, seed=12)
+
+    records = [r for split in ("train", "val", "test") for r in iter_comparisons(synth_dir / split)]
+    assert len(records) == 20 and len({r["id"] for r in records}) == 20
+    kinds = set()
+    for record in records:
+        f, q, ranking = record["faithfulness"], record["quality"], record["ranking"]
+        assert ranking == synth.rank_by_rule(f, q)
+        best = [i for i, r in enumerate(ranking) if r == 1]
+        assert best and all(f[i] == 2 and q[i] == 2 for i in best), record["id"]
+        kinds.update(p["pair_kind"] for p in expand_pairs(record))
+        # the faithful clean image draws exactly what the caption says: colour and count x size area
+        words = record["prompt"].split()
+        count = {v: k for k, v in synth.COUNT_WORDS.items()}[words[0]]
+        img = Image.open(io.BytesIO(record["images"][best[0]]))
+        assert img.size == (SYNTH_SIZE, SYNTH_SIZE)
+        expected = count * np.pi * synth.RADIUS_64[words[1]] ** 2
+        assert 0.7 * expected < _colour_area(img, synth.COLOURS[words[2]]) < 1.3 * expected, record["prompt"]
+        for i, image in enumerate(record["images"]):
+            colours = len(Image.open(io.BytesIO(image)).convert("RGB").getcolors(1 << 16))
+            # clean = background + one object colour; blur / noise make many
+            assert (colours <= 2) == (q[i] == 2), (record["id"], i, q[i], colours)
+    assert kinds == {"caption", "quality", "both"}
+
+
+def test_synth_split_sizes_and_tokenizer_cover_captions(synth_dir):
+    from rayapp.model.tokenizer import load_tokenizer
+
+    stats = {s: pair_stats(synth_dir / s) for s in ("train", "val", "test")}
+    assert {s: v["prompts"] for s, v in stats.items()} == {"train": 12, "val": 4, "test": 4}
+    manifest = json.loads((synth_dir / "synth.json").read_text())
+    assert manifest["pairs"] == {s: v["pairs"] for s, v in stats.items()}
+    tokenizer = load_tokenizer(synth_dir / "tokenizer")
+    for record in iter_comparisons(synth_dir / "train"):
+        tokens = tokenizer.tokenize(record["prompt"])
+        assert tokenizer.unk_token not in tokens and len(tokens) == len(record["prompt"].split())
+
+
+# ---------------------------------------------------------------- JSON -> Parquet
+
+def test_convert_fails_naming_every_bad_record(json_db, tmp_path):
+    path, root = json_db
+    out = tmp_path / "out"
+    with pytest.raises(BadRecordsError) as info:
+        convert(path, root, out, progress=False)
+    assert {rid for rid, _ in info.value.bad} == BAD_IDS
+    for rid in BAD_IDS:
+        assert rid in str(info.value)
+    reasons = dict(info.value.bad)
+    assert "nope.png" in reasons["missing-file"] and "3 entries" in reasons["bad-length"]
+    assert "decode" in reasons["corrupt-image"] and "prompt" in reasons["empty-prompt"]
+    assert not out.exists() and list(tmp_path.glob(".out.partial-*")) == []  # nothing half-written
+
+
+def test_convert_skip_bad_reports_and_keeps_the_same_pairs(json_db, tmp_path):
+    path, root = json_db
+    out = tmp_path / "out"
+    report = convert(path, root, out, skip_bad=True, rows_per_shard=1, progress=False)
+    assert {rid for rid, _ in report.bad} == BAD_IDS and report.rows == 2 and len(report.shards) == 2
+    good = [r for r in json.loads(path.read_text()) if r["id"] not in BAD_IDS]
+    expected = {(p["id"], p["better"], p["worse"]) for r in good for p in expand_pairs(r)}
+    got = list(iter_pairs(out))
+    assert {(p["id"], p["better"], p["worse"]) for p in got} == expected and len(got) == len(expected) == 7
+    by_id = {r["id"]: r for r in good}
+    for pair in got:  # images travel inline, byte for byte
+        gens = by_id[pair["id"]]["generations"]
+        assert pair["image_better"] == (root / gens[pair["better"]]).read_bytes()
+        assert pair["image_worse"] == (root / gens[pair["worse"]]).read_bytes()
+
+
+def test_cli_convert_exit_codes_and_messages(json_db, tmp_path, capsys):
+    from rayapp.cli import main
+
+    path, root = json_db
+    args = ["data", "convert", str(path), "--image-root", str(root), "--out", str(tmp_path / "o")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert all(rid in err for rid in BAD_IDS) and "--skip-bad" in err
+    assert main(args + ["--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    assert "wrote 2 prompts" in captured.out and "skipped 4 bad records" in captured.out
+    assert all(f"skipped {rid}:" in captured.err for rid in BAD_IDS)
+
+
+def test_data_modules_do_not_import_ray():
+    code = ("import sys, rayapp.data.cli, rayapp.data.synth, rayapp.data.formats, rayapp.data.pairs; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- Ray Data pipeline
+
+def test_pipeline_rows_equal_shared_preprocessing(ray_cluster, synth_dir):
+    import torch
+
+    from rayapp.data.pipeline import OUTPUT_COLUMNS, build_pair_dataset, build_pair_rows, torch_batches
+    from rayapp.model.images import load_image, preprocess_pil
+    from rayapp.model.tokenizer import load_tokenizer
+
+    ds = build_pair_dataset(synth_dir / "train", image_size=PIPE_SIZE, tokenizer_dir=synth_dir / "tokenizer",
+                            max_length=MAX_LEN, shuffle_seed=5, with_ids=True)
+    rows = []
+    for batch in torch_batches(ds, batch_size=16):
+        assert set(OUTPUT_COLUMNS) <= set(batch)
+        assert batch["pixels_better"].dtype == batch["pixels_worse"].dtype == torch.float32
+        assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.int64
+        assert tuple(batch["pixels_worse"].shape[1:]) == (3, PIPE_SIZE, PIPE_SIZE)
+        assert tuple(batch["input_ids"].shape[1:]) == (MAX_LEN,)
+        rows.extend({k: batch[k][i] for k in batch} for i in range(len(batch["pair_id"])))
+    expected = {f"{p['id']}:{p['better']}>{p['worse']}": p for p in iter_pairs(synth_dir / "train")}
+    assert sorted(r["pair_id"] for r in rows) == sorted(expected)  # every pair exactly once
+    assert [r["pair_id"] for r in rows] != list(expected)  # shuffled (expected is in file order)
+    tokenizer = load_tokenizer(synth_dir / "tokenizer")
+    for row in rows[:6]:
+        pair = expected[row["pair_id"]]
+        better = preprocess_pil(load_image(pair["image_better"]), PIPE_SIZE)
+        worse = preprocess_pil(load_image(pair["image_worse"]), PIPE_SIZE)
+        assert torch.equal(row["pixels_better"], better) and torch.equal(row["pixels_worse"], worse)
+        enc = tokenizer([pair["prompt"]], padding="max_length", truncation=True, max_length=MAX_LEN)
+        assert row["input_ids"].tolist() == enc["input_ids"][0]
+        assert row["attention_mask"].tolist() == enc["attention_mask"][0]
+        assert row["pair_kind"] == pair["pair_kind"]
+    # the shuffle is seeded: the encoded-pair stage run again with the same seed gives the same order
+    again = build_pair_rows(synth_dir / "train", shuffle_seed=5).select_columns(["pair_id"])
+    assert [str(r["pair_id"]) for r in again.iter_rows()] == [r["pair_id"] for r in rows]
+
+
+def test_train_shards_are_balanced_and_disjoint(ray_cluster, synth_dir):
+    from rayapp.data.pipeline import build_train_val_datasets
+
+    datasets = build_train_val_datasets(synth_dir, image_size=PIPE_SIZE, max_length=MAX_LEN, shuffle_seed=1,
+                                        with_ids=True)
+    assert set(datasets) == {"train", "val"}
+    total = pair_stats(synth_dir / "train")["pairs"]
+    # the mechanism Ray Train's DataConfig uses to give each worker its shard
+    shards = datasets["train"].streaming_split(2, equal=True)
+    seen: list[list[str]] = [[], []]
+
+    def consume(rank: int) -> None:
+        for batch in shards[rank].iter_batches(batch_size=8, batch_format="numpy"):
+            seen[rank].extend(str(p) for p in batch["pair_id"])
+
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "streaming_split consumers hung"
+    assert len(seen[0]) == len(seen[1]) == total // 2
+    assert not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0]) | set(seen[1])) == len(seen[0]) + len(seen[1])
