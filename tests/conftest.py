@@ -151,23 +151,60 @@ class ServeApp:
     app_name: str
 
 
-@pytest.fixture(scope="module")
-def serve_app(ray_cluster, tiny_rm_dir):
-    """Serve on a free loopback port with the tiny checkpoint; shut down after the module (one Serve per cluster)."""
-    from ray import serve
+class ServeAppManager:
+    """One Serve app for the whole session, redeployed if a test (e.g. `serve shutdown`) took Serve down."""
 
-    from rayapp.serve.app import AppArgs, build_app
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        self.app: ServeApp | None = None
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = AppArgs(
-        model=str(tiny_rm_dir), name="tiny-test", device="cpu", dtype="float32", num_threads=1,
-        max_batch_size=16, batch_wait_timeout_s=0.05, limits=SERVE_TEST_LIMITS,
-        scorer_options={"autoscaling_config": SERVE_TEST_AUTOSCALING, "ray_actor_options": {"num_cpus": 1}},
-        api_options={"ray_actor_options": {"num_cpus": 1}},
-    )
-    serve.run(build_app(args), name="rm", route_prefix="/")
-    try:
-        yield ServeApp(url=f"http://127.0.0.1:{port}", model_dir=tiny_rm_dir, app_name="rm")
-    finally:
+    def _healthy(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.app.url}/healthz", timeout=30) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def ensure(self) -> ServeApp:
+        if self.app is not None and self._healthy():
+            return self.app
+        from ray import serve
+
+        from rayapp.serve.app import AppArgs, build_app
+
+        self.stop()
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = AppArgs(
+            model=str(self.model_dir), name="tiny-test", device="cpu", dtype="float32", num_threads=1,
+            max_batch_size=16, batch_wait_timeout_s=0.05, limits=SERVE_TEST_LIMITS,
+            scorer_options={"autoscaling_config": SERVE_TEST_AUTOSCALING, "ray_actor_options": {"num_cpus": 1}},
+            api_options={"ray_actor_options": {"num_cpus": 1}},
+        )
+        serve.run(build_app(args), name="rm", route_prefix="/")
+        self.app = ServeApp(url=f"http://127.0.0.1:{port}", model_dir=self.model_dir, app_name="rm")
+        return self.app
+
+    def stop(self) -> None:
+        """Shut Serve down (one Serve per cluster: a test that runs `serve run` needs it gone)."""
+        from ray import serve
+
         serve.shutdown()
+        self.app = None
+
+
+@pytest.fixture(scope="session")
+def serve_manager(ray_cluster, tiny_rm_dir):
+    manager = ServeAppManager(tiny_rm_dir)
+    try:
+        yield manager
+    finally:
+        manager.stop()
+
+
+@pytest.fixture
+def serve_app(serve_manager) -> ServeApp:
+    """The tiny reward endpoint on a free loopback port (started once, shared by tests/test_serve*.py)."""
+    return serve_manager.ensure()
