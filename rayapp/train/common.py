@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import torch
 
 STATE_FILE = "trainer_state.json"  # our loop state (step, epoch, history) next to DeepSpeed's files
+DONE_PREFIX = "rank_done."  # one marker per rank, written after its part of a checkpoint
 DS_TAG = "ds"  # DeepSpeed checkpoint tag (sub-directory) inside a Ray Train checkpoint
 
 
@@ -172,10 +173,13 @@ def save_checkpoint(engine, directory: str | Path, state: dict, extra: Callable[
     """
     directory = Path(directory)
     engine.save_checkpoint(str(directory), tag=DS_TAG)
-    if world()[0] == 0:
-        (directory / STATE_FILE).write_text(json.dumps(state))
+    rank, world_size = world()
+    if rank == 0:
+        (directory / STATE_FILE).write_text(json.dumps({**state, "world_size": world_size}))
         if extra is not None:
             extra(directory)
+    # Written last: a persisted checkpoint holding every rank's marker is complete (see newest_checkpoint).
+    (directory / f"{DONE_PREFIX}{rank}").write_text("ok")
 
 
 def report(metrics: dict, engine=None, state: dict | None = None,
@@ -191,19 +195,71 @@ def report(metrics: dict, engine=None, state: dict | None = None,
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def _read_state(filesystem, path: str) -> dict | None:
+    """Our loop state in a persisted checkpoint dir, or None if the dir is not a complete checkpoint."""
+    import pyarrow.fs
+
+    try:
+        with filesystem.open_input_stream(f"{path}/{STATE_FILE}") as stream:
+            state = json.loads(stream.read().decode())
+        names = {info.base_name for info in filesystem.get_file_info(pyarrow.fs.FileSelector(path))}
+    except (OSError, ValueError):
+        return None
+    ranks = state.get("world_size", 1)
+    if state.get("finished") or all(f"{DONE_PREFIX}{r}" in names for r in range(ranks)):
+        return state
+    return None
+
+
+def newest_checkpoint():
+    """The persisted checkpoint with the highest step: Ray Train's latest, or a newer complete one.
+
+    Ray Train registers a reported checkpoint only when its controller next polls the workers; a worker that
+    dies right after reporting can take that registration with it although every rank's files were
+    persisted. Scanning the run's storage for complete checkpoints (all rank markers present) recovers them,
+    so a restart loses only the updates after the last checkpoint written. Rank 0 chooses; all ranks follow.
+    """
+    import pyarrow.fs
+    import ray.train
+
+    chosen = ray.train.get_checkpoint()
+    if world()[0] == 0:
+        storage = ray.train.get_context().get_storage()
+        filesystem, root = storage.storage_filesystem, storage.experiment_fs_path
+        best_step = -1
+        if chosen is not None:
+            state = _read_state(chosen.filesystem, chosen.path)
+            best_step = state["step"] if state else -1
+        try:
+            entries = filesystem.get_file_info(pyarrow.fs.FileSelector(root))
+        except OSError:
+            entries = []
+        for info in sorted(entries, key=lambda i: i.path):
+            if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+                continue
+            state = _read_state(filesystem, info.path)
+            if state is not None and state["step"] > best_step:
+                best_step = state["step"]
+                chosen = ray.train.Checkpoint(info.path, filesystem=filesystem)
+    if world()[1] > 1:
+        box = [chosen]
+        torch.distributed.broadcast_object_list(box, src=0)
+        chosen = box[0]
+    return chosen
+
+
 def restore_checkpoint(engine, on_directory: Callable[[Path], None] | None = None) -> dict | None:
-    """Load the latest Ray Train checkpoint into `engine`; returns our loop state, None if there is none.
+    """Load the newest complete checkpoint into `engine`; returns our loop state, None if there is none.
 
     `on_directory(dir)` runs while the checkpoint is on local disk, for files beside DeepSpeed's.
     """
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = newest_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
         directory = Path(directory)
         state = json.loads((directory / STATE_FILE).read_text())
+        state["checkpoint_path"] = checkpoint.path
         if state.get("finished"):
             return state  # a final export checkpoint: nothing left to train, no engine state in it
         load_path, _ = engine.load_checkpoint(str(directory), tag=DS_TAG, load_optimizer_states=True,

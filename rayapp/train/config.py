@@ -75,7 +75,7 @@ class RMTrainConfig:
     cpus_per_worker: float = 1.0  # logical CPUs each worker reserves; < 1 leaves CPUs to Ray Data on small hosts
     # --- reporting / checkpoints ---
     evals_per_epoch: int | None = None  # validation passes per epoch (SPEC 2: 4); the last one ends the epoch
-    eval_every_steps: int = 0  # if > 0, validate every this many updates instead of evals_per_epoch
+    eval_every_steps: int = 0  # if > 0, validate every this many updates (and at epoch ends) instead
     log_every_steps: int = 10  # report train loss every this many updates (0 = only with validation)
     checkpoint_every_steps: int = 0  # extra Ray Train checkpoints every this many updates (0 = per epoch only)
     num_to_keep: int = 2  # Ray Train checkpoints kept in storage

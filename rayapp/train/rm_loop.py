@@ -151,6 +151,7 @@ def train_loop(loop_config: dict) -> None:
         state = restored
         state["restarts"] += 1
     if state.get("finished"):
+        _reregister_export(state, rank)
         return
 
     def write_best(directory: Path) -> None:
@@ -166,7 +167,7 @@ def train_loop(loop_config: dict) -> None:
     eval_steps = set(plan["eval_steps"])
     ckpt_every = config.checkpoint_every_steps
     window_loss, window_n, t_window = 0.0, 0, time.time()
-    fail_marker = Path(config.storage_path) / f".{config.run_name}.failed_once"
+    fail_marker = Path(config.storage_path) / f".{config.run_name}.failed_once" if config.fail_at_step else None
 
     while state["step"] < total:
         micro.new_pass(seed=config.seed + 1000 * (state["step"] // spe) + rank)
@@ -178,8 +179,9 @@ def train_loop(loop_config: dict) -> None:
                 os._exit(1)  # test knob: a hard worker death, as a lost node or an OOM kill would be
             batches = micro.take(config.grad_accum)
             if not common.all_ranks_agree(batches is not None, device):
-                # Equal shards make this unreachable; leave the epoch together rather than deadlock.
-                break
+                # Equal shards make this unreachable; every rank raises together rather than deadlock.
+                raise RuntimeError(f"a train shard ran out of data at update {step} "
+                                   f"(planned {spe} updates per epoch)")
             step_loss = 0.0
             for batch in batches:
                 loss = pair_loss(*pair_rewards(engine, batch, device))
@@ -200,10 +202,10 @@ def train_loop(loop_config: dict) -> None:
             do_log = do_eval or do_ckpt or (config.log_every_steps and done % config.log_every_steps == 0)
             if not do_log:
                 continue
-            train_loss, n_pairs = common.all_reduce_sum([window_loss, float(window_n)], device)
+            loss_sum, rank_steps = common.all_reduce_sum([window_loss, float(window_n)], device)
             elapsed = time.time() - t_window
             metrics = {
-                "step": done, "epoch": done / spe, "train_loss": train_loss / max(n_pairs, 1.0),
+                "step": done, "epoch": done / spe, "train_loss": loss_sum / max(rank_steps, 1.0),
                 "lr": engine.get_lr()[0],
                 "pairs_per_s": window_n * config.pairs_per_update / max(elapsed, 1e-9),
                 "restarts": state["restarts"],
@@ -223,6 +225,26 @@ def train_loop(loop_config: dict) -> None:
     _finish(engine, config, plan, state, best, train_shard, device)
 
 
+def _final_metrics(state: dict, steps_per_epoch: int) -> dict:
+    return {"step": state["step"], "epoch": state["step"] / steps_per_epoch, "finished": True,
+            "reward_mean": state["reward_mean"], "reward_std": state["reward_std"],
+            "best_val_loss": state["best_val_loss"], "best_step": state["best_step"]}
+
+
+def _reregister_export(state: dict, rank: int) -> None:
+    """A restart found the final export already persisted: make sure Ray Train's result points at it."""
+    import ray.train
+
+    registered = ray.train.get_checkpoint()
+    if registered is not None and registered.path == state["checkpoint_path"]:
+        return
+    checkpoint = None
+    if rank == 0:
+        filesystem = ray.train.get_context().get_storage().storage_filesystem
+        checkpoint = ray.train.Checkpoint(state["checkpoint_path"], filesystem=filesystem)
+    ray.train.report(_final_metrics(state, state["steps_per_epoch"]), checkpoint=checkpoint)
+
+
 def _finish(engine, config: RMTrainConfig, plan: dict, state: dict, best: dict, train_shard, device) -> None:
     """Load the best weights, measure the raw-output mean/std on training data, export both formats."""
     import tempfile
@@ -234,11 +256,10 @@ def _finish(engine, config: RMTrainConfig, plan: dict, state: dict, best: dict, 
     mean, std, count = raw_output_stats(engine, train_shard, config.batch_pairs_per_worker, device)
     state["finished"] = True
     state["reward_mean"], state["reward_std"] = mean, std
+    state["steps_per_epoch"] = plan["steps_per_epoch"]
     # Collective under ZeRO-3 (gathers partitions), so every rank takes part; unneeded otherwise.
     weights = common.full_state_dict(engine) if engine.zero_optimization_stage() == 3 else None
-    metrics = {"step": state["step"], "epoch": state["step"] / plan["steps_per_epoch"], "finished": True,
-               "reward_mean": mean, "reward_std": std, "stat_images": count,
-               "best_val_loss": state["best_val_loss"], "best_step": state["best_step"]}
+    metrics = {**_final_metrics(state, plan["steps_per_epoch"]), "stat_images": count}
 
     def export(directory: Path) -> None:
         if engine.zero_optimization_stage() == 3:

@@ -78,7 +78,9 @@ def make_plan(config: RMTrainConfig, train_pairs: int, val_pairs: int) -> dict:
         eval_steps = [e * steps_per_epoch + round(k * steps_per_epoch / per_epoch)
                       for e in range((total + steps_per_epoch - 1) // steps_per_epoch)
                       for k in range(1, per_epoch + 1)]
-    eval_steps = sorted({s for s in eval_steps if s <= total} | {total})  # the last update is always validated
+    epoch_ends = set(range(steps_per_epoch, total + 1, steps_per_epoch))
+    # Every epoch end and the last update are always validated.
+    eval_steps = sorted({s for s in eval_steps if s <= total} | epoch_ends | {total})
     return {
         "train_pairs": train_pairs,
         "val_pairs": val_pairs,
