@@ -404,3 +404,38 @@ def test_cli_modules_import_light():
             "print(heavy); sys.exit(1 if heavy else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_folder_input_planning_and_actor_in_process(synth, tiny_rm_dir, tmp_path):
+    """Folder + CSV prompts file: keys per line, resume skipping, and the actor's scores (called directly)."""
+    import csv
+
+    from rayapp.data.shards import iter_comparisons
+    from rayapp.eval.batch_scoring import ScoreActor, ScoreJobConfig, detect_format, plan_units
+    from rayapp.eval.scorers import load_scorer
+
+    record = next(iter(iter_comparisons(synth / "test")))
+    folder = tmp_path / "shots"
+    (folder / "sub").mkdir(parents=True)
+    with open(folder / "prompts.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["prompt", "path", "note"])
+        writer.writeheader()
+        for k, image in enumerate(record["images"]):
+            (folder / "sub" / f"{k}.png").write_bytes(image)
+            writer.writerow({"prompt": record["prompt"], "path": f"sub/{k}.png", "note": f"n{k}"})
+        writer.writerow({"prompt": record["prompt"], "path": "sub/missing.png", "note": "gone"})
+    config = ScoreJobConfig(input=str(folder), output=str(tmp_path / "out"), rows_per_block=3)
+    assert detect_format(config) == "folder"
+    units, todo, skipped = plan_units(config, "folder", done={"prompts.csv:1"})
+    assert (todo, skipped, len(units)) == (len(record["images"]), 1, math.ceil(len(record["images"]) / 3))
+    actor = ScoreActor([str(tiny_rm_dir)], "folder", "image", "prompt", str(folder), 2, "cpu", None, None)
+    table = __import__("pyarrow").concat_tables([actor({k: [v] for k, v in unit.items()}) for unit in units])
+    rows = {r["_row_key"]: r for r in table.to_pylist()}
+    assert sorted(rows) == [f"prompts.csv:{n}" for n in range(2, len(record["images"]) + 2)]
+    model = load_scorer(str(tiny_rm_dir))
+    for n in range(2, len(record["images"]) + 1):
+        row = rows[f"prompts.csv:{n}"]
+        assert row["note"] == f"n{n - 1}" and row["score_error"] is None
+        assert row["score_ImageReward"] == pytest.approx(model.score(record["prompt"], record["images"][n - 1]), abs=1e-5)
+    gone = rows[f"prompts.csv:{len(record['images']) + 1}"]
+    assert math.isnan(gone["score_ImageReward"]) and "no such file" in gone["score_error"]
