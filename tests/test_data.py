@@ -127,6 +127,20 @@ def test_synth_split_sizes_and_tokenizer_cover_captions(synth_dir):
         assert tokenizer.unk_token not in tokens and len(tokens) == len(record["prompt"].split())
 
 
+def test_cli_synth_writes_the_layout(tmp_path, capsys):
+    from rayapp.cli import main
+
+    out = tmp_path / "s"
+    assert main(["data", "synth", "--prompts", "10", "--per-prompt", "3", "--out", str(out), "--seed", "4",
+                 "--image-size", "32", "--attributes", "colour"]) == 0
+    assert "train: 8 prompts" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["synth.json", "test", "tokenizer", "train", "val"]
+    record = next(iter_comparisons(out / "val"))
+    assert Image.open(io.BytesIO(record["images"][0])).size == (32, 32)
+    assert main(["data", "synth", "--prompts", "10", "--out", str(out)]) == 2  # refuses to overwrite
+    assert "not empty" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- JSON -> Parquet
 
 def test_convert_fails_naming_every_bad_record(json_db, tmp_path):
@@ -171,6 +185,8 @@ def test_cli_convert_exit_codes_and_messages(json_db, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "wrote 2 prompts" in captured.out and "skipped 4 bad records" in captured.out
     assert all(f"skipped {rid}:" in captured.err for rid in BAD_IDS)
+    assert main(["data", "stats", str(tmp_path / "o")]) == 0
+    assert "2 prompts, 7 images, 7 unequal-rank pairs (human 7)" in capsys.readouterr().out
 
 
 def test_data_modules_do_not_import_ray():
@@ -189,7 +205,7 @@ def test_pipeline_rows_equal_shared_preprocessing(ray_cluster, synth_dir):
     from rayapp.model.tokenizer import load_tokenizer
 
     ds = build_pair_dataset(synth_dir / "train", image_size=PIPE_SIZE, tokenizer_dir=synth_dir / "tokenizer",
-                            max_length=MAX_LEN, shuffle_seed=5, with_ids=True)
+                            max_length=MAX_LEN, shuffle_seed=5, with_ids=True, preprocess_actors=1)
     rows = []
     for batch in torch_batches(ds, batch_size=16):
         assert set(OUTPUT_COLUMNS) <= set(batch)
@@ -220,7 +236,7 @@ def test_train_shards_are_balanced_and_disjoint(ray_cluster, synth_dir):
     from rayapp.data.pipeline import build_train_val_datasets
 
     datasets = build_train_val_datasets(synth_dir, image_size=PIPE_SIZE, max_length=MAX_LEN, shuffle_seed=1,
-                                        with_ids=True)
+                                        with_ids=True, preprocess_actors=1)
     assert set(datasets) == {"train", "val"}
     total = pair_stats(synth_dir / "train")["pairs"]
     # the mechanism Ray Train's DataConfig uses to give each worker its shard

@@ -1,4 +1,4 @@
-"""`rayapp data convert` (ImageRewardDB JSON -> Parquet shards) and `rayapp data synth` (synthetic set)."""
+"""`rayapp data convert` (ImageRewardDB JSON -> Parquet shards), `data synth` (synthetic set), `data stats`."""
 from __future__ import annotations
 
 import argparse
@@ -43,9 +43,23 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats(args: argparse.Namespace) -> int:
+    from rayapp.data.pairs import pair_stats
+
+    try:
+        stats = pair_stats(args.path)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(stats["kinds"].items()))
+    print(f"{args.path}: {stats['prompts']} prompts, {stats['images']} images, "
+          f"{stats['pairs']} unequal-rank pairs ({kinds or 'none'})")
+    return 0
+
+
 def register(subparsers) -> None:
     """Add `data convert` and `data synth` to the `rayapp` parser."""
-    data = subparsers.add_parser("data", help="comparison data: convert JSON to Parquet, make a synthetic set")
+    data = subparsers.add_parser("data", help="comparison data: convert JSON to Parquet, make a synthetic set, count pairs")
     commands = data.add_subparsers(dest="data_command", required=True)
 
     conv = commands.add_parser("convert", help="ImageRewardDB-style JSON -> Parquet shards with the images inline")
@@ -71,3 +85,7 @@ def register(subparsers) -> None:
     syn.add_argument("--rows-per-shard", type=int, default=256, help="prompts per Parquet file (default 256)")
     syn.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     syn.set_defaults(func=_synth)
+
+    stats = commands.add_parser("stats", help="prompts, images and pairs (per kind) of a Parquet shard dir")
+    stats.add_argument("path", help="Parquet shard dir or file")
+    stats.set_defaults(func=_stats)

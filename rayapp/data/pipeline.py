@@ -23,6 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+# the plain-Python (no Ray) views of the same data, re-exported for evaluation code
+from rayapp.data.pairs import expand_pairs, iter_pairs  # noqa: F401
+from rayapp.data.shards import iter_comparisons  # noqa: F401
+
 DEFAULT_CPUS_PER_TASK = 0.25
 DEFAULT_BATCH_SIZE = 32
 OUTPUT_COLUMNS = ("pixels_better", "pixels_worse", "input_ids", "attention_mask", "pair_kind")
