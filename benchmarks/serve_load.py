@@ -4,6 +4,7 @@
     python benchmarks/serve_load.py --clients 8 32 --requests 640 --max-batch-size 32
     python benchmarks/serve_load.py --model runs/rm/model            # a real checkpoint
     python benchmarks/serve_load.py --preset imagereward-v1 --device cuda --dtype bfloat16 --num-gpus 1
+    python benchmarks/serve_load.py --set vision_num_layers=12 text_num_layers=12   # a model-bound CPU case
 
 Starts its own local Ray (or joins --address), serves the model with a fixed number of replicas, and
 sends a fixed number of one-prompt requests from N asyncio clients on 127.0.0.1. Each setting is
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import socket
 import statistics
 import sys
@@ -26,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-WORDS = "a an the of on in with and two three red green blue yellow circle square triangle small large photo".split()
+WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "two", "three", "red", "green", "blue", "yellow", "circle", "square", "triangle", "small", "large", "photo"]
 PROMPT = "a photo of two red circles on a blue square"
 
 
@@ -36,14 +38,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_model_dir(preset: str, out: Path) -> Path:
+def make_model_dir(preset: str, out: Path, overrides: dict) -> Path:
     """A random-weight checkpoint of the preset's shape (throughput does not depend on the weights)."""
     import rayapp
     from rayapp.model.tokenizer import build_wordpiece_tokenizer
 
     # A small WordPiece vocab on disk: no hub download; its ids fit every preset's embedding.
     tokenizer = build_wordpiece_tokenizer(WORDS, save_dir=out / "tokenizer")
-    rayapp.create_model(preset, tokenizer=tokenizer, seed=0).save_pretrained(out / "model")
+    rayapp.create_model(preset, tokenizer=tokenizer, seed=0, **overrides).save_pretrained(out / "model")
     return out / "model"
 
 
@@ -107,6 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="checkpoint dir / .pt to serve (default: random weights of --preset)")
     parser.add_argument("--preset", default="tiny", help="preset for the random-weight model (default: tiny)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON",
+                        help="override preset fields of the random-weight model, e.g. vision_num_layers=12")
     parser.add_argument("--clients", type=int, nargs="+", default=[32], help="concurrent clients (default: 32)")
     parser.add_argument("--requests", type=int, default=480, help="requests per measurement (default: 480)")
     parser.add_argument("--images-per-request", type=int, default=1)
@@ -120,6 +124,7 @@ def main() -> None:
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating on/off measurements per client count")
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray (default: 8)")
     args = parser.parse_args()
@@ -130,7 +135,8 @@ def main() -> None:
     from rayapp.serve.app import AppArgs, build_app
 
     tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
-    model = args.model or str(make_model_dir(args.preset, tmp))
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    model = args.model or str(make_model_dir(args.preset, tmp, overrides))
     images = make_images(64, args.image_side)
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
@@ -151,25 +157,29 @@ def main() -> None:
         )
         serve.run(build_app(app_args), name="rm", route_prefix="/")
 
-    print(f"model={args.model or args.preset + ' (random weights)'} device={args.device} dtype={args.dtype} "
-          f"replicas={args.replicas} api_replicas={args.api_replicas} requests={args.requests} "
-          f"images/request={args.images_per_request} image={args.image_side}px")
-    header = f"{'clients':>7} {'max_batch':>9} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10} {'errors':>6}"
-    print(header)
-    results = {}
+    print(f"model={args.model or args.preset + ' (random weights)'}{' ' + ' '.join(args.set) if args.set else ''} "
+          f"device={args.device} dtype={args.dtype} replicas={args.replicas} api_replicas={args.api_replicas} "
+          f"requests={args.requests} images/request={args.images_per_request} image={args.image_side}px "
+          f"rounds={args.rounds}")
+    print(f"{'clients':>7} {'max_batch':>9} {'round':>5} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'mean batch':>10} {'errors':>6}")
     try:
         for clients in args.clients:
-            for max_batch in (args.max_batch_size, 1):
-                deploy(max_batch)
-                # Warm-up outside the measurement (first forward, connection set-up).
-                asyncio.run(run_load(url, clients, clients * 2, images, args.images_per_request))
-                r = asyncio.run(run_load(url, clients, args.requests, images, args.images_per_request))
-                results[(clients, max_batch)] = r
-                print(f"{clients:>7} {max_batch:>9} {r['req_s']:>8.1f} {r['img_s']:>8.1f} {r['p50_ms']:>8.1f} "
-                      f"{r['p99_ms']:>8.1f} {r['mean_batch']:>10.2f} {r['errors']:>6}", flush=True)
-            on, off = results[(clients, args.max_batch_size)], results[(clients, 1)]
-            print(f"{clients:>7} clients: dynamic batching gives {on['req_s'] / off['req_s']:.2f}x the throughput "
-                  f"of max batch size 1", flush=True)
+            rates: dict[int, list[float]] = {args.max_batch_size: [], 1: []}
+            # Alternating rounds, so drift in machine load hits both settings alike.
+            for rnd in range(1, args.rounds + 1):
+                for max_batch in (args.max_batch_size, 1):
+                    deploy(max_batch)
+                    # Warm-up outside the measurement (first forward, connection set-up).
+                    asyncio.run(run_load(url, clients, clients * 2, images, args.images_per_request))
+                    r = asyncio.run(run_load(url, clients, args.requests, images, args.images_per_request))
+                    rates[max_batch].append(r["req_s"])
+                    print(f"{clients:>7} {max_batch:>9} {rnd:>5} {r['req_s']:>8.1f} {r['img_s']:>8.1f} "
+                          f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['mean_batch']:>10.2f} {r['errors']:>6}",
+                          flush=True)
+            on, off = statistics.median(rates[args.max_batch_size]), statistics.median(rates[1])
+            print(f"{clients:>7} clients: median {on:.1f} req/s with dynamic batching vs {off:.1f} req/s at max batch "
+                  f"size 1 = {on / off:.2f}x", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from PIL import Image
-
 from conftest import REPO_ROOT, free_port
+from PIL import Image
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -88,14 +87,15 @@ def test_serve_run_offline_config(ray_cluster, serve_manager, tiny_rm_dir, tmp_p
     path.write_text(yaml.safe_dump(config))
 
     bin_dir = Path(sys.executable).parent
-    log = open(tmp_path / "serve_run.log", "w")
-    proc = subprocess.Popen([str(bin_dir / "serve"), "run", str(path)], env=ray_cluster.env, cwd=REPO_ROOT,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = tmp_path / "serve_run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(bin_dir / "serve"), "run", str(path)], env=ray_cluster.env, cwd=REPO_ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
-            assert proc.poll() is None, f"serve run exited {proc.returncode}: {(tmp_path / 'serve_run.log').read_text()[-3000:]}"
+            assert proc.poll() is None, f"serve run exited {proc.returncode}: {log_path.read_text()[-3000:]}"
             try:
                 if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
                     break
@@ -103,7 +103,7 @@ def test_serve_run_offline_config(ray_cluster, serve_manager, tiny_rm_dir, tmp_p
                 pass
             time.sleep(1)
         else:
-            pytest.fail(f"serve run never became healthy: {(tmp_path / 'serve_run.log').read_text()[-3000:]}")
+            pytest.fail(f"serve run never became healthy: {log_path.read_text()[-3000:]}")
 
         images = [b64(png_bytes(i, (72, 48))) for i in range(3)]
         resp = requests.post(f"{url}/v1/score", json={"prompt": "a red circle", "images": images}, timeout=60)
@@ -114,7 +114,7 @@ def test_serve_run_offline_config(ray_cluster, serve_manager, tiny_rm_dir, tmp_p
     finally:
         # ENVIRONMENT.md: a background `serve run` ignores SIGINT; shut Serve down, then SIGTERM its PID.
         subprocess.run([str(bin_dir / "serve"), "shutdown", "-y", "-a", ray_cluster.dashboard_url],
-                       env=ray_cluster.env, timeout=120, capture_output=True)
+                       env=ray_cluster.env, timeout=120, capture_output=True, check=False)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         try:
@@ -123,7 +123,6 @@ def test_serve_run_offline_config(ray_cluster, serve_manager, tiny_rm_dir, tmp_p
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
             pytest.fail("serve run did not stop on SIGTERM")
-        log.close()
     with pytest.raises(requests.RequestException):
         requests.get(f"{url}/healthz", timeout=5)
 
@@ -214,6 +213,23 @@ def test_python_client(serve_app, tmp_path):
     assert not RewardClient("http://127.0.0.1:9", timeout=2).health()  # nothing listens on the discard port
 
 
+
+def test_cli_score_endpoint(serve_app, tmp_path, capsys):
+    import json
+
+    from rayapp.cli import main
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(png_bytes(400 + i))
+    assert main(["score", "--endpoint", serve_app.url, "--prompt", "a red circle", "--json", *map(str, paths)]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    direct = score_json(serve_app.url, "a red circle", [p.read_bytes() for p in paths]).json()["scores"]
+    by_image = {r["image"]: r["score"] for r in results}
+    np.testing.assert_allclose([by_image[str(p)] for p in paths], direct, rtol=1e-5)
+    assert [r["rank"] for r in results] == [1, 2, 3] and results[0]["score"] == max(direct)
+
 # ---- bad inputs ----------------------------------------------------------------------------------
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -240,7 +256,7 @@ def png_header_only(width: int, height: int) -> bytes:
 def _bad_cases(url: str) -> dict:
     """name -> (callable sending the request, expected status, text the message must name)."""
     good = b64(png_bytes(2))
-    post = lambda body, **kw: requests.post(f"{url}/v1/score", json=body, timeout=60, **kw)  # noqa: E731
+    post = lambda body, **kw: requests.post(f"{url}/v1/score", json=body, timeout=60, **kw)
     big_noise = np.random.default_rng(0).integers(0, 256, 1_200_000, dtype=np.uint8).tobytes()
     return {
         "non_image_bytes": (lambda: post({"prompt": "a cat", "images": [good, b64(b"this is not an image at all")]}),
@@ -354,7 +370,7 @@ class LoopbackLoad:
                 status = -1
             self.statuses.append(status)
 
-    def __enter__(self) -> "LoopbackLoad":
+    def __enter__(self):
         self.futures = [self.pool.submit(self._client) for _ in range(self.clients)]
         return self
 
@@ -388,7 +404,7 @@ def test_load_scales_one_to_two_replicas_and_back(serve_app):
 def test_killed_replica_is_replaced(serve_app, ray_cluster):
     assert wait_for(lambda: len(_scorer_pids(ray_cluster)) >= 1, timeout=30)
     before = _scorer_pids(ray_cluster)
-    victim = sorted(before)[0]
+    victim = min(before)
     with LoopbackLoad(serve_app.url, clients=4, max_requests=2000) as load:
         time.sleep(1.0)
         os.kill(victim, signal.SIGKILL)

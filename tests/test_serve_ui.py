@@ -1,7 +1,6 @@
 """The scoring web page (GET /) driven in headless Debian chromium through Playwright."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np

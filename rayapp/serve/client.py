@@ -7,7 +7,8 @@ import json
 import os
 import urllib.error
 import urllib.request
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 class RewardServiceError(RuntimeError):
