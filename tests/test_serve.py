@@ -181,6 +181,23 @@ def test_annotate_writes_score_into_png_text(serve_app):
     assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(Image.open(io.BytesIO(image)).convert("RGB")))
 
 
+
+def test_annotate_keeps_generation_info_and_odd_modes():
+    from PIL.PngImagePlugin import PngInfo
+
+    from rayapp.serve.annotate import annotate_png
+
+    info = PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 20, Sampler: Euler a")
+    info.add_text("Software", "sd-webui")
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="PNG", pnginfo=info)
+    out = Image.open(io.BytesIO(annotate_png(Image.open(io.BytesIO(buf.getvalue())), -0.123456)))
+    assert out.text["parameters"] == "a cat\nSteps: 20, Sampler: Euler a\nImageReward Score: -0.1235"
+    assert out.text["Software"] == "sd-webui" and out.text["ImageReward Score"] == "-0.1235"
+    cmyk = Image.open(io.BytesIO(annotate_png(Image.new("CMYK", (4, 4)), 1.0)))  # e.g. from a CMYK JPEG
+    assert cmyk.format == "PNG" and cmyk.mode == "RGB" and cmyk.text["parameters"] == "ImageReward Score: 1.0000"
+
 def test_health_models_docs_and_page(serve_app):
     health = requests.get(f"{serve_app.url}/healthz", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ok"

@@ -5,7 +5,7 @@ import json
 from importlib import resources
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError
@@ -80,7 +80,7 @@ class RewardAPI:
                 if attempt == 3:
                     break
                 await asyncio.sleep(0.5 * (attempt + 1))
-        raise InputError(503, "model", "no model replica available; retry shortly")
+        raise HTTPException(503, "no model replica available; retry shortly")
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused with 413 as soon as it is known to exceed max_request_bytes."""
