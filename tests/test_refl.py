@@ -137,13 +137,13 @@ def test_refl_lora_saves_reloads_and_resumes(ray_cluster, tmp_path):
     assert (adapted - plain).abs().max() > 1e-4  # the LoRA weights were loaded and change the samples
 
 
-def test_refl_job_via_ray_job_submit(ray_cluster, tmp_path, pretrain_dir):
+def test_refl_job_via_ray_job_submit(ray_cluster, tmp_path):
     out = tmp_path / "job_out"
     cmd = [
         str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster.dashboard_url,
         "--working-dir", str(REPO), "--",
         sys.executable, "jobs/refl.py", "--max-steps", "2", "--eval-every", "0", "--output-dir", str(out),
-        "--pretrain-data", str(pretrain_dir), "--eval-seeds", "0", "--num-workers", "2",
+        "--pretrain-weight", "0", "--eval-seeds", "0", "--num-workers", "2",
     ]
     env = dict(ray_cluster.env)
     env.pop("RAY_ADDRESS", None)  # the job itself gets the cluster address from Ray
