@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import sys
 import tempfile
@@ -51,7 +52,7 @@ def save_model(preset: str, out: Path, tokenizer_dir: Path) -> None:
     import rayapp
     from rayapp.model.tokenizer import build_wordpiece_tokenizer
 
-    build_wordpiece_tokenizer("a red green blue yellow circle".split(), save_dir=tokenizer_dir)
+    build_wordpiece_tokenizer(["a", "red", "green", "blue", "yellow", "circle"], save_dir=tokenizer_dir)
     rayapp.create_model(PRESETS[preset], tokenizer=tokenizer_dir, seed=0).save_pretrained(out)
 
 
@@ -93,12 +94,16 @@ def main() -> int:
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (0.5 puts 2 actors on 1 GPU)")
     parser.add_argument("--actors", default="1,2", help="actor counts to run (default 1,2)")
+    parser.add_argument("--loop-threads", type=int, default=0,
+                        help="torch threads for the plain loop (default: torch's default, all cores)")
     args = parser.parse_args()
 
     import ray
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.loop_threads:
+        torch.set_num_threads(args.loop_threads)
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="rayapp-bench-scoring-"))
@@ -124,8 +129,8 @@ def main() -> int:
     print("| preset | runner | images | seconds | images/s (incl. load) | images/s (steady) |")
     print("|---|---|---:|---:|---:|---:|")
     for preset, runner, n, seconds, ips, steady in rows:
-        steady_text = "-" if steady != steady else f"{steady:.1f}"
-        print(f"| {preset} | {runner} | {n} | {seconds:.1f} | {ips:.1f} | {steady_text} |")
+        steady_text = "-" if math.isnan(steady) else f"{steady:.3g}"
+        print(f"| {preset} | {runner} | {n} | {seconds:.1f} | {ips:.3g} | {steady_text} |")
     return 0
 
 

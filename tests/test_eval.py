@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,8 +154,8 @@ def test_baseline_tiny_through_loader(name, tmp_path):
     pil.save(buf, format="PNG")
     path = tmp_path / "x.png"
     pil.save(path)
-    scorer = rayapp.load_score(name, config="tiny")
-    assert not scorer.training
+    scorer = rayapp.load_score(name, "cpu", config="tiny")  # the reference's positional (name, device)
+    assert not scorer.training and scorer.device.type == "cpu"
     scores = scorer.score("a red circle", [pil, str(path), buf.getvalue(), array])
     assert len(scores) == 4 and all(math.isfinite(s) for s in scores)
     assert scores[0] == pytest.approx(scores[1], abs=1e-6) == pytest.approx(scores[2], abs=1e-6)
@@ -262,7 +261,7 @@ def test_score_job_resume_after_crash_writes_each_row_once(ray_cluster, synth, t
            "--scorer", str(tiny_rm_dir), "--rows-per-block", "2", "--num-cpus", "0.5", "--no-progress",
            "--drop-images"]
     env = {**ray_cluster.env, CRASH_AFTER_ENV: "2", "PYTHONPATH": str(REPO)}
-    crashed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    crashed = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=240)
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     partial = read_scored(out)["_row_key"].to_pylist()
     total = count_rows(data)
@@ -402,7 +401,7 @@ def test_cli_modules_import_light():
     code = ("import sys, rayapp.eval.cli, rayapp.eval.generate; "
             "heavy = [m for m in ('torch', 'ray', 'diffusers', 'transformers', 'matplotlib') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -411,7 +410,12 @@ def test_folder_input_planning_and_actor_in_process(synth, tiny_rm_dir, tmp_path
     import csv
 
     from rayapp.data.shards import iter_comparisons
-    from rayapp.eval.batch_scoring import ScoreActor, ScoreJobConfig, detect_format, plan_units
+    from rayapp.eval.batch_scoring import (
+        ScoreActor,
+        ScoreJobConfig,
+        detect_format,
+        plan_units,
+    )
     from rayapp.eval.scorers import load_scorer
 
     record = next(iter(iter_comparisons(synth / "test")))

@@ -159,7 +159,7 @@ class BaselineScorer(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def set_dtype(self, dtype) -> "BaselineScorer":
+    def set_dtype(self, dtype) -> BaselineScorer:
         if dtype is not None:
             self.to(dtype=_resolve_dtype(dtype))
         return self
@@ -302,7 +302,9 @@ class AestheticScorer(BaselineScorer):
                  clip_vision=None):
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-        from rayapp.model.modeling import RewardHead  # the same five-Linear, no-activation MLP
+        from rayapp.model.modeling import (
+            RewardHead,  # the same five-Linear, no-activation MLP
+        )
 
         if clip_vision is None:
             config = CLIPVisionConfig(**{**vision_config.to_dict(), "projection_dim": projection_dim})
@@ -384,10 +386,7 @@ class BLIPScorer(BaselineScorer):
 
 
 # ------------------------------------------------------------------------------------------ loading
-_TINY_BERT_WORDS = (
-    "a an the of on in with and one two three four red green blue yellow white black purple orange circle "
-    "circles square squares triangle triangles small large background photo cat dog"
-).split()
+_TINY_BERT_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "one", "two", "three", "four", "red", "green", "blue", "yellow", "white", "black", "purple", "orange", "circle", "circles", "square", "squares", "triangle", "triangles", "small", "large", "background", "photo", "cat", "dog"]
 
 
 def _tiny_bert_tokenizer(tokenizer):
@@ -506,15 +505,19 @@ def load_score(
     """Load a baseline scorer in eval mode.
 
     name: "CLIP", "BLIP" or "Aesthetic" (case-insensitive).
-    path: a directory written by `scorer.save_pretrained` (offline, safetensors).
+    path: a directory written by `scorer.save_pretrained` (offline, safetensors); a device string here
+      ("cpu", "cuda:0") is taken as the device, as in the reference's `load_score(name, device, download_root)`.
     config: "tiny" builds random toy-size weights (seeded by `seed`) for tests and offline demos.
     Otherwise the real weights (see the module docstring): CLIP / Aesthetic's CLIP from the hub repo
     `clip_model` (a hub name or a local transformers directory); BLIP / Aesthetic's file from the
     reference's URL, or `weights` (a local file, `hf://owner/repo/file` or a URL); `blip_preset` names the
-    encoder shapes of the BLIP file (the ViT-L/16 + BERT-base of "imagereward-v1" for model_large.pth). `download_root` defaults to ~/.cache/ImageReward for the files.
+    encoder shapes of the BLIP file (the ViT-L/16 + BERT-base of "imagereward-v1" for model_large.pth).
+    `download_root` defaults to ~/.cache/ImageReward for the files.
     device: default CUDA when available, else CPU. dtype: "float32" (default), "bfloat16", "float16".
     """
     name = canonical_name(name)
+    if isinstance(path, torch.device) or (isinstance(path, str) and (path in ("cpu", "mps") or path.startswith("cuda"))):
+        device, path = path, None  # the reference's positional order is load_score(name, device, download_root)
     if config is not None:
         if config != "tiny":
             raise ValueError(f"unknown baseline config {config!r}; only 'tiny' is built in")

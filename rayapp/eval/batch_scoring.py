@@ -196,7 +196,7 @@ def plan_units(config: ScoreJobConfig, fmt: str, done: set[str]) -> tuple[list[d
     return units, todo, skipped
 
 
-def read_unit(unit: dict) -> "Any":
+def read_unit(unit: dict) -> Any:
     """One planned unit -> a pyarrow Table of its input rows + `_row_key` (runs inside the actor)."""
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -86,8 +86,13 @@ def _score_records_ray(specs, args) -> dict[str, dict[str, list[float]]]:
 
 
 def run_table3(args) -> dict:
-    from rayapp.eval.metrics import (PUBLISHED_PEER_ACCURACY, PUBLISHED_RECALL_FILTER, PUBLISHED_TABLE3_ACCURACY,
-                                     preference_accuracy, recall_filter_at_k)
+    from rayapp.eval.metrics import (
+        PUBLISHED_PEER_ACCURACY,
+        PUBLISHED_RECALL_FILTER,
+        PUBLISHED_TABLE3_ACCURACY,
+        preference_accuracy,
+        recall_filter_at_k,
+    )
     from rayapp.eval.scorers import parse_spec
 
     specs = [parse_spec(s) for s in args.scorer]
@@ -143,7 +148,11 @@ def run_table3(args) -> dict:
                                     pub_rows)
     print(f"Table 3 on {args.data}: {len(records)} prompts, {report['images']} images\n")
     print(text)
-    print("\nFor reference, " + report["published_note"] + ":\n")
+    standard = len(records) == 466 and report["images"] == 2720
+    report["standard_test_split"] = standard
+    print("\nFor reference, " + report["published_note"] + ":" + (
+        "" if standard else " (this set is not the 466-prompt ImageRewardDB test split, so they are not comparable)")
+        + "\n")
     print(published_text)
     if args.plot:
         _plot_table3(records, scores, args.plot)

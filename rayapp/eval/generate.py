@@ -11,7 +11,6 @@ under `ImageReward Score`. Nothing heavy is imported until the command runs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
