@@ -233,14 +233,16 @@ def test_pipeline_rows_equal_shared_preprocessing(ray_cluster, synth_dir):
 
 
 def test_train_shards_are_balanced_and_disjoint(ray_cluster, synth_dir):
-    from rayapp.data.pipeline import build_train_val_datasets
+    from rayapp.data.pipeline import build_train_val_datasets, train_data_config
 
     datasets = build_train_val_datasets(synth_dir, image_size=PIPE_SIZE, max_length=MAX_LEN, shuffle_seed=1,
                                         with_ids=True, preprocess_actors=1)
     assert set(datasets) == {"train", "val"}
     total = pair_stats(synth_dir / "train")["pairs"]
-    # the mechanism Ray Train's DataConfig uses to give each worker its shard
-    shards = datasets["train"].streaming_split(2, equal=True)
+    # exactly what Ray Train does per dataset for `get_dataset_shard` (v2 DatasetManager -> DataConfig.configure)
+    per_rank = train_data_config().configure(datasets={"train": datasets["train"]}, world_size=2,
+                                            worker_handles=None, worker_node_ids=None)
+    shards = [per_rank[rank]["train"] for rank in (0, 1)]
     seen: list[list[str]] = [[], []]
 
     def consume(rank: int) -> None:
