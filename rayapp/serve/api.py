@@ -1,4 +1,5 @@
 """The HTTP ingress deployment: parses and validates requests, decodes images, calls the model deployment."""
+# No `from __future__ import annotations`: FastAPI must see real types on the serve.ingress methods.
 
 import asyncio
 import json
@@ -47,6 +48,7 @@ async def _input_error(_: Request, err: InputError) -> JSONResponse:
 
 
 async def _once(body: bytes):
+    """The already size-checked body as the stream Starlette's multipart parser reads."""
     yield body
     yield b""
 
