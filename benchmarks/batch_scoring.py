@@ -4,7 +4,8 @@
     python benchmarks/batch_scoring.py --preset full --images 64 --batch-size 16 --num-gpus 1   # on a GPU node
 
 Both sides do the same work per image: decode PNG bytes -> preprocess_pil -> model.score_batch, with the
-same batch size. The reward model has random weights of the preset's shape (the full preset is the real
+same batch size, and the loop runs with as many torch threads as one actor gets (`--loop-threads`; on a
+shared, oversubscribed CPU a multi-threaded loop can be several times slower). The reward model has random weights of the preset's shape (the full preset is the real
 ViT-L/16 + BERT-base architecture); throughput does not depend on the weights. The Ray figures include
 actor start-up and model loading (what a user waits for); the loop's include model loading too. "steady"
 excludes start-up: for the loop, time after the model is loaded; for Ray, images after the first output
@@ -94,14 +95,17 @@ def main() -> int:
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (0.5 puts 2 actors on 1 GPU)")
     parser.add_argument("--actors", default="1,2", help="actor counts to run (default 1,2)")
-    parser.add_argument("--loop-threads", type=int, default=0,
-                        help="torch threads for the plain loop (default: torch's default, all cores)")
+    parser.add_argument("--loop-threads", type=int, default=-1,
+                        help="torch threads for the plain loop (default: the CPUs of one actor, like for like; "
+                             "0 = torch's default, all cores)")
     args = parser.parse_args()
 
     import ray
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.loop_threads < 0:
+        args.loop_threads = max(1, int(args.num_cpus))  # Ray gives each actor OMP_NUM_THREADS = its CPUs
     if args.loop_threads:
         torch.set_num_threads(args.loop_threads)
     if not ray.is_initialized():

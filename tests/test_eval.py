@@ -245,8 +245,10 @@ def test_batch_scoring_equals_library_row_by_row(ray_cluster, flat_parquet, tiny
     assert "cannot decode" in junk["score_error"]
     for spec, column in ((str(tiny_rm_dir), "score_ImageReward"), ("CLIP:tiny", "score_CLIP")):
         scorer = load_scorer(spec, device="cpu")
-        for row_id, row in by_id.items():
-            assert row[column] == pytest.approx(scorer.score(row["prompt"], row["image"]), abs=1e-5), (spec, row_id)
+        ids = sorted(by_id)
+        expected = scorer.score_pairs([by_id[i]["prompt"] for i in ids], [by_id[i]["image"] for i in ids])
+        for row_id, value in zip(ids, expected):
+            assert by_id[row_id][column] == pytest.approx(value, abs=1e-5), (spec, row_id)
     assert all(row["image"] and row["rank"] >= 1 and row["score_error"] is None for row in by_id.values())
 
 
