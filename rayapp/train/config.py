@@ -25,7 +25,7 @@ PRESET_TRAINING_DEFAULTS: dict[str, dict] = {
     },
     "tiny": {
         "lr": 3e-4,
-        "epochs": 12,
+        "epochs": 6,
         "batch_pairs_per_worker": 16,
         "grad_accum": 1,
         "num_workers": 2,
@@ -49,7 +49,7 @@ class RMTrainConfig:
     fix_rate: float | None = None  # share of lower encoder layers frozen (SPEC 2: 0.7); None = preset default
     # --- data ---
     data_dir: str | None = None  # dir with train/ and val/ Parquet comparison shards; None = synthesise one
-    synth_prompts: int = 600  # prompts in the synthetic set made when data_dir is None (split train/val/test)
+    synth_prompts: int = 2000  # prompts in the synthetic set made when data_dir is None (80/10/10 split)
     synth_per_prompt: int = 4  # candidate images per synthetic prompt
     materialize: str = "auto"  # keep preprocessed pairs in Ray's object store after the first pass: "auto"
     #                            (when they fit in materialize_max_gib), "yes", "no" (re-read every epoch)
