@@ -74,7 +74,6 @@ class ScoreJobResult:
     seconds: float
     files: list[str]
     first_block_s: float = float("nan")  # start -> first block written (planning, actor start-up, model load)
-    first_block_images: int = 0
 
     @property
     def rows_per_s(self) -> float:
@@ -84,23 +83,14 @@ class ScoreJobResult:
     def images_per_s(self) -> float:
         return self.images_scored / self.seconds if self.seconds > 0 else float("nan")
 
-    @property
-    def steady_images_per_s(self) -> float:
-        """Images/s after the first block (start-up excluded); NaN with fewer than 2 blocks."""
-        span = self.seconds - self.first_block_s
-        if len(self.files) < 2 or not span > 0:
-            return float("nan")
-        return (self.images_scored - self.first_block_images) / span
-
     def summary(self) -> str:
         return (f"scored {self.rows_written} rows ({self.images_scored} images) in {self.seconds:.1f} s: "
                 f"{self.rows_per_s:.2f} rows/s, {self.images_per_s:.2f} images/s "
-                f"({self.steady_images_per_s:.2f} images/s after the first block at {self.first_block_s:.1f} s); "
+                f"(first block written after {self.first_block_s:.1f} s); "
                 f"{self.rows_skipped} rows already done, {self.errors} rows with errors -> {self.output}")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "rows_per_s": self.rows_per_s, "images_per_s": self.images_per_s,
-                "steady_images_per_s": self.steady_images_per_s}
+        return {**asdict(self), "rows_per_s": self.rows_per_s, "images_per_s": self.images_per_s}
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -383,7 +373,6 @@ def run_score_job(config: ScoreJobConfig) -> ScoreJobResult:
             bar.update(block.num_rows)
             if len(result.files) == 1:
                 result.first_block_s = time.perf_counter() - started
-                result.first_block_images = images
             if crash_after and len(result.files) >= crash_after:
                 bar.close()
                 os._exit(17)  # simulated crash for the resume test: no cleanup, actors die with the driver
