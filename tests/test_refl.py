@@ -157,3 +157,23 @@ def test_refl_job_via_ray_job_submit(ray_cluster, tmp_path):
     assert Path(grid.group(1)).is_file()
     assert (out / "final" / "model_index.json").is_file()
     assert json.loads((out / "history.json").read_text())[-1]["step"] == 2
+
+
+def test_prompt_files_read_with_ray_data(ray_cluster, tmp_path):
+    """The reference's [{"text": ...}] JSON, plain text (one per line) and Parquet give the same prompts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayapp.train.refl_data import prompt_dataset
+
+    prompts = ["one red circle", "two blue squares on a black background", "three small triangles"]
+    (tmp_path / "p.json").write_text(json.dumps([{"text": p, "seed": i} for i, p in enumerate(prompts)]))
+    (tmp_path / "p.txt").write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")
+    pq.write_table(pa.table({"id": [1, 2, 3], "prompt": prompts}), tmp_path / "p.parquet")
+    for name in ("p.json", "p.txt", "p.parquet"):
+        ds = prompt_dataset(str(tmp_path / name))
+        assert ds.columns() == ["prompt"], name
+        assert sorted(r["prompt"] for r in ds.take_all()) == sorted(prompts), name
+    with pytest.raises(ValueError, match="no 'text' field"):
+        (tmp_path / "bad.json").write_text(json.dumps([{"caption_x": "a"}]))
+        prompt_dataset(str(tmp_path / "bad.json"))
