@@ -1,6 +1,7 @@
 """The scoring web page (GET /) driven in headless Debian chromium through Playwright."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,11 @@ def test_page_scores_sorts_and_filters(serve_app, tmp_path):
 
     import rayapp
 
-    assert Path(CHROMIUM).exists(), "install Debian's chromium: apt-get install -y --no-install-recommends chromium"
+    if not Path(CHROMIUM).exists():
+        message = "install Debian's chromium (apt-get install -y chromium; scripts/setup.sh does it as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs it, so its absence there is a setup bug
+        pytest.skip(message)
     paths = write_pngs(tmp_path, 5)
     prompt = "a big red circle"
     expected = rayapp.load(serve_app.model_dir, device="cpu").score(prompt, paths)
