@@ -29,6 +29,7 @@ from rayapp.data.shards import iter_comparisons  # noqa: F401
 
 DEFAULT_CPUS_PER_TASK = 0.25
 DEFAULT_BATCH_SIZE = 32
+DEFAULT_ROWS_PER_BLOCK = 128  # pairs per block entering preprocessing
 OUTPUT_COLUMNS = ("pixels_better", "pixels_worse", "input_ids", "attention_mask", "pair_kind")
 
 
@@ -136,7 +137,7 @@ def torch_batches(data, batch_size: int, *, local_shuffle_buffer_size: int | Non
 
 
 def build_pair_rows(path: str | os.PathLike, *, shuffle_seed: int | None = None,
-                    cpus_per_task: float = DEFAULT_CPUS_PER_TASK):
+                    cpus_per_task: float = DEFAULT_CPUS_PER_TASK, rows_per_block: int = DEFAULT_ROWS_PER_BLOCK):
     """A lazy dataset of still-encoded pairs: pair_id, prompt, image_better, image_worse (bytes), pair_kind.
 
     The first half of the pipeline, also useful for batch scoring / evaluation that preprocesses itself.
@@ -147,6 +148,9 @@ def build_pair_rows(path: str | os.PathLike, *, shuffle_seed: int | None = None,
     ds = ds.flat_map(pair_rows, num_cpus=cpus_per_task)
     if shuffle_seed is not None:
         ds = ds.random_shuffle(seed=shuffle_seed, num_cpus=cpus_per_task)
+    # one Parquet file becomes one block of ~K^2/2 pairs per prompt; smaller blocks let several
+    # preprocessing actors and both train shards work at once
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     # read tasks finish in any order; without this the shuffle's input order, and so its output, varies
     ds.context.execution_options.preserve_order = True
     return ds
@@ -165,7 +169,8 @@ def build_pair_dataset(path: str | os.PathLike, *, image_size: int, tokenizer_di
     `train_data_config`), and `streaming_split` hands blocks to whichever worker asks first.
     `preprocess_actors`: actor count (or (min, max) autoscaling range) for decoding + preprocessing.
     """
-    ds = build_pair_rows(path, shuffle_seed=shuffle_seed, cpus_per_task=cpus_per_task)
+    ds = build_pair_rows(path, shuffle_seed=shuffle_seed, cpus_per_task=cpus_per_task,
+                         rows_per_block=max(batch_size, DEFAULT_ROWS_PER_BLOCK))
     ds = ds.map_batches(
         PairPreprocessor,
         fn_constructor_kwargs={"image_size": image_size, "tokenizer_dir": os.fspath(tokenizer_dir),
