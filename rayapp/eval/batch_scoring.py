@@ -347,7 +347,7 @@ def run_score_job(config: ScoreJobConfig) -> ScoreJobResult:
         fn_constructor_kwargs=dict(specs=[s.to_string() for s in specs], fmt=fmt, image_column=config.image_column,
                                    prompt_column=config.prompt_column, folder=folder, batch_size=config.batch_size,
                                    device=config.device, dtype=config.dtype, tokenizer=config.tokenizer),
-        batch_size=1, batch_format="numpy", concurrency=config.concurrency,
+        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=config.concurrency),
         num_cpus=config.num_cpus, num_gpus=config.num_gpus or None,
     )
     crash_after = int(os.environ.get(CRASH_AFTER_ENV, "0") or 0)
