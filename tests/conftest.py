@@ -60,7 +60,7 @@ def _start_head(logical_cpus: int) -> RayCluster:
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     gcs_address = f"127.0.0.1:{ports['port']}"
     dashboard_url = f"http://127.0.0.1:{ports['dashboard-port']}"
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     import urllib.request
 
     while time.time() < deadline:
@@ -73,7 +73,7 @@ def _start_head(logical_cpus: int) -> RayCluster:
         except OSError:
             time.sleep(1)
     else:
-        raise RuntimeError(f"Ray head did not come up in 120 s; see {log.name}")
+        raise RuntimeError(f"Ray head did not come up in 180 s; see {log.name}")
     env["RAY_ADDRESS"] = gcs_address
     return RayCluster(process, gcs_address, dashboard_url, temp_dir, env)
 
@@ -93,9 +93,18 @@ def ray_cluster():
     """The session's Ray: a real head node on loopback (8 logical CPUs on 2 cores), this process connected."""
     import ray
 
-    cluster = _start_head(logical_cpus=8)
+    cluster = None
+    for attempt in range(2):  # an overloaded machine occasionally fails the first start (ports, dashboard)
+        try:
+            cluster = _start_head(logical_cpus=8)
+            ray.init(address=cluster.gcs_address, log_to_driver=False)
+            break
+        except Exception:
+            if cluster is not None:
+                _stop_head(cluster)
+            if attempt == 1:
+                raise
     try:
-        ray.init(address=cluster.gcs_address, log_to_driver=False)
         yield cluster
     finally:
         try:
