@@ -100,6 +100,7 @@ def ray_cluster():
             ray.init(address=cluster.gcs_address, log_to_driver=False)
             break
         except Exception:
+            ray.shutdown()
             if cluster is not None:
                 _stop_head(cluster)
             if attempt == 1:

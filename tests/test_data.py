@@ -200,7 +200,12 @@ def test_data_modules_do_not_import_ray():
 def test_pipeline_rows_equal_shared_preprocessing(ray_cluster, synth_dir):
     import torch
 
-    from rayapp.data.pipeline import OUTPUT_COLUMNS, build_pair_dataset, build_pair_rows, torch_batches
+    from rayapp.data.pipeline import (
+        OUTPUT_COLUMNS,
+        build_pair_dataset,
+        build_pair_rows,
+        torch_batches,
+    )
     from rayapp.model.images import load_image, preprocess_pil
     from rayapp.model.tokenizer import load_tokenizer
 

@@ -49,7 +49,7 @@ def load_json_records(path: str | os.PathLike) -> list:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     data = json.loads(text)
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")  # noqa: TRY004
     return data
 
 

@@ -50,8 +50,6 @@ def _input_columns(path: str | os.PathLike) -> list[str]:
 
 def pair_rows(record: dict) -> list[dict]:
     """Ray flat_map fn: one output row per unequal-rank pair, with the two images' encoded bytes."""
-    from rayapp.data.pairs import expand_pairs
-
     images = list(record["images"])
     plain = {
         "id": str(record["id"]),

@@ -63,7 +63,7 @@ class ShardWriter:
         self.flush()
         return self.paths
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:

@@ -35,7 +35,6 @@ import io
 import json
 import os
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -224,8 +223,8 @@ def split_sizes(prompts: int, val_fraction: float, test_fraction: float) -> dict
     """Prompt counts per split; val and test get at least one prompt when their fraction is > 0."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"need 0 <= fractions and val + test < 1, got val={val_fraction} test={test_fraction}")
-    n_val = max(int(round(prompts * val_fraction)), 1 if val_fraction > 0 else 0)
-    n_test = max(int(round(prompts * test_fraction)), 1 if test_fraction > 0 else 0)
+    n_val = max(round(prompts * val_fraction), 1 if val_fraction > 0 else 0)
+    n_test = max(round(prompts * test_fraction), 1 if test_fraction > 0 else 0)
     n_train = prompts - n_val - n_test
     if n_train < 1:
         raise ValueError(f"{prompts} prompts leave no training prompts (val {n_val}, test {n_test})")
