@@ -32,7 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     config.output_dir = str(Path(config.output_dir).resolve())
 
     from rayapp.train.common import local_ray_init
-    from rayapp.train.rm_trainer import describe_plan, prepare, build_trainer, collect_result
+    from rayapp.train.rm_trainer import (
+        build_trainer,
+        collect_result,
+        describe_plan,
+        prepare,
+    )
 
     local_ray_init()
     config, data_dir, tokenizer, plan = prepare(config)

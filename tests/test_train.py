@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 import subprocess
 import sys
 import time
@@ -94,7 +94,7 @@ def test_official_export_scores_identically(trained, synth_dir):
     a = ours.score(record["prompt"], list(record["images"]))
     b = official.score(record["prompt"], list(record["images"]))
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
-    assert len(set(round(x, 3) for x in a)) > 1  # not a constant scorer
+    assert len({round(x, 3) for x in a}) > 1  # not a constant scorer
     # The fitted normalisation: raw outputs on training images have mean ~0 / std ~1 after normalising.
     assert ours.config.reward_mean == pytest.approx(result.metrics["reward_mean"])
     assert ours.config.reward_std == pytest.approx(result.metrics["reward_std"])
@@ -112,10 +112,10 @@ def test_job_submit_trains_and_writes_a_loadable_model(ray_cluster, tmp_path):
         "--working-dir", ".", "--", sys.executable, "jobs/train_rm.py", "--synth-prompts", "100",
         "--output-dir", str(out), "--max-steps", "3", "--log-every-steps", "1", "--num-workers", "2",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    assert "SUCCEEDED" in log, log[-4000:]
+    assert re.search(r"Job '\S+' succeeded", log), log[-4000:]  # the CLI's words for status SUCCEEDED
     assert "steps per epoch:" in log and "effective batch: 32 pairs" in log, log[-4000:]
     assert "held-out pairwise accuracy" in log, log[-4000:]
     model = rayapp.load(out / "model", device="cpu")

@@ -6,8 +6,8 @@ import math
 import os
 import random
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 

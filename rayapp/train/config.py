@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # Training defaults per model preset. "imagereward-v1" is the reference recipe (SPEC 2): Adam (0.9, 0.999),
@@ -25,7 +25,7 @@ PRESET_TRAINING_DEFAULTS: dict[str, dict] = {
     },
     "tiny": {
         "lr": 3e-4,
-        "epochs": 6,
+        "epochs": 8,
         "batch_pairs_per_worker": 16,
         "grad_accum": 1,
         "num_workers": 2,
@@ -89,7 +89,7 @@ class RMTrainConfig:
     fail_at_step: int | None = None  # rank 1 hard-exits once when about to run this update (fault tests)
     step_log: str | None = None  # file where rank 0 appends "attempt step" per finished update (fault tests)
 
-    def resolved(self) -> "RMTrainConfig":
+    def resolved(self) -> RMTrainConfig:
         """A copy with every None default filled from the preset's training defaults."""
         defaults = PRESET_TRAINING_DEFAULTS.get(self.preset, PRESET_TRAINING_DEFAULTS["imagereward-v1"])
         out = dataclasses.replace(self)
@@ -126,7 +126,7 @@ class RMTrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RMTrainConfig":
+    def from_dict(cls, data: dict) -> RMTrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -99,14 +99,14 @@ def describe_plan(config: RMTrainConfig, plan: dict) -> str:
     return "\n".join([
         f"model: {config.init or 'preset ' + config.preset + ' (random init)'}, fix_rate {config.fix_rate}",
         f"pairs: train {plan['train_pairs']}, val {plan['val_pairs']}",
-        f"workers: {plan['workers']} ({'GPU' if config.use_gpu else 'CPU'}, ZeRO-{config.zero_stage}, "
-        f"precision {config.precision})",
-        f"effective batch: {plan['effective_batch_pairs']} pairs = {config.num_workers} workers x "
-        f"{config.batch_pairs_per_worker} pairs x {config.grad_accum} accumulation",
-        f"steps per epoch: {plan['steps_per_epoch']}; total updates: {plan['total_steps']} "
-        f"({plan['epochs']:.2f} epochs); validations: {len(plan['eval_steps'])}",
-        f"optimizer: Adam lr {config.lr} betas {tuple(config.betas)} eps {config.eps} wd {config.weight_decay}, "
-        f"{config.schedule} schedule, warm-up {config.warmup_steps}, clip {config.grad_clip}",
+        (f"workers: {plan['workers']} ({'GPU' if config.use_gpu else 'CPU'}, ZeRO-{config.zero_stage}, "
+         f"precision {config.precision})"),
+        (f"effective batch: {plan['effective_batch_pairs']} pairs = {config.num_workers} workers x "
+         f"{config.batch_pairs_per_worker} pairs x {config.grad_accum} accumulation"),
+        (f"steps per epoch: {plan['steps_per_epoch']}; total updates: {plan['total_steps']} "
+         f"({plan['epochs']:.2f} epochs); validations: {len(plan['eval_steps'])}"),
+        (f"optimizer: Adam lr {config.lr} betas {tuple(config.betas)} eps {config.eps} wd {config.weight_decay}, "
+         f"{config.schedule} schedule, warm-up {config.warmup_steps}, clip {config.grad_clip}"),
     ])
 
 
