@@ -25,7 +25,7 @@ PRESET_TRAINING_DEFAULTS: dict[str, dict] = {
     },
     "tiny": {
         "lr": 3e-4,
-        "epochs": 8,
+        "epochs": 6,
         "batch_pairs_per_worker": 16,
         "grad_accum": 1,
         "num_workers": 2,
