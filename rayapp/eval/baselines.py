@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rayapp.model.images import DEFAULT_MAX_PIXELS, load_image, preprocess_pil
+from rayapp.model.scoring import BatchScoringMixin
 
 CLIP_HUB_REPO = "openai/clip-vit-large-patch14"
 BLIP_WEIGHTS_URL = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_large.pth"
@@ -141,7 +142,7 @@ def _resolve_dtype(dtype):
 
 
 # ------------------------------------------------------------------------------------- common API
-class BaselineScorer(nn.Module):
+class BaselineScorer(BatchScoringMixin, nn.Module):
     """Shared scoring API: subclasses provide `tokenize`, `_forward_scores` and (de)serialisation."""
 
     name = "baseline"
@@ -182,45 +183,6 @@ class BaselineScorer(nn.Module):
             preprocess_pil(load_image(item, start + i, max_pixels=max_pixels), self.image_size)
             for i, item in enumerate(images)
         ])
-
-    def score_pairs(self, prompts: Sequence[str], images: Sequence[Any], *, batch_size: int = 16,
-                    progress: bool = False) -> list[float]:
-        """One score per (prompt[i], image[i]) pair, in batches of `batch_size`."""
-        prompts, images = list(prompts), list(images)
-        if len(prompts) != len(images):
-            raise ValueError(f"score_pairs needs equal lengths, got {len(prompts)} prompts and {len(images)} images")
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompt[{i}] must be a string, got {type(prompt).__name__}")
-        input_ids, attention_mask = self.tokenize(prompts)
-        scores: list[float] = []
-        starts = range(0, len(images), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc=f"{self.name} scoring", unit="batch")
-        for start in starts:
-            stop = start + batch_size
-            pixels = self.preprocess(images[start:stop], start=start)
-            scores.extend(self.score_batch(pixels, input_ids[start:stop], attention_mask[start:stop]).tolist())
-        return scores
-
-    def score(self, prompt: str, image: Any, *, batch_size: int = 16, progress: bool = False) -> float | list[float]:
-        """Score of one image (float) or of each image of a list (list, even for one item)."""
-        if isinstance(image, (list, tuple)):
-            return self.score_pairs([prompt] * len(image), image, batch_size=batch_size, progress=progress)
-        return self.score_pairs([prompt], [image])[0]
-
-    def inference_rank(self, prompt: str, images: Sequence[Any], *, batch_size: int = 16) -> tuple[list[int], list[float]]:
-        """(ranking, scores): ranking[i] is image i's rank, 1 = best (the reference's return shape)."""
-        scores = self.score(prompt, list(images), batch_size=batch_size)
-        order = sorted(range(len(scores)), key=lambda i: -scores[i])
-        ranking = [0] * len(scores)
-        for rank, index in enumerate(order, start=1):
-            ranking[index] = rank
-        return ranking, scores
 
     # ---- persistence ------------------------------------------------------------------------------
     def _config_dict(self) -> dict:

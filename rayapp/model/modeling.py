@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import RewardModelConfig
 from .images import DEFAULT_MAX_PIXELS, load_image, preprocess_pil, preprocess_tensor
+from .scoring import BatchScoringMixin, rank_from_scores  # noqa: F401  (rank_from_scores re-exported)
 
 
 class RewardHead(nn.Module):
@@ -86,7 +87,7 @@ def _text_config(cfg: RewardModelConfig):
     )
 
 
-class ImageReward(nn.Module):
+class ImageReward(BatchScoringMixin, nn.Module):
     """Text-image reward model with the reference's scoring API, batched and dtype-aware."""
 
     def __init__(self, config: RewardModelConfig, tokenizer: Any = None):
@@ -177,38 +178,6 @@ class ImageReward(nn.Module):
             for i, item in enumerate(images)
         ])
 
-    def score_pairs(self, prompts: Sequence[str], images: Sequence[Any], *, batch_size: int = 16,
-                    progress: bool = False) -> list[float]:
-        """One reward per (prompt[i], image[i]) pair, in batches of `batch_size`."""
-        prompts, images = list(prompts), list(images)
-        if len(prompts) != len(images):
-            raise ValueError(f"score_pairs needs equal lengths, got {len(prompts)} prompts and {len(images)} images")
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        input_ids, attention_mask = self.tokenize(prompts)  # validates every prompt before any image work
-        rewards: list[float] = []
-        starts = range(0, len(images), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="scoring", unit="batch")
-        for start in starts:
-            stop = start + batch_size
-            pixel_values = self.preprocess(images[start:stop], start=start)
-            rewards.extend(self.score_batch(pixel_values, input_ids[start:stop], attention_mask[start:stop]).tolist())
-        return rewards
-
-    def score(self, prompt: str, image: Any, *, batch_size: int = 16, progress: bool = False) -> float | list[float]:
-        """Reward of one image (float) or of each image in a list (list of floats, even for one item)."""
-        if isinstance(image, (list, tuple)):
-            return self.score_pairs([prompt] * len(image), image, batch_size=batch_size, progress=progress)
-        return self.score_pairs([prompt], [image])[0]
-
-    def inference_rank(self, prompt: str, images: Sequence[Any], *, batch_size: int = 16) -> tuple[list[int], list[float]]:
-        """(ranking, rewards): ranking[i] is image i's rank, 1 = best; ties keep input order."""
-        rewards = self.score(prompt, list(images), batch_size=batch_size)
-        return rank_from_scores(rewards), rewards
-
     # ---- training helpers -----------------------------------------------------------------------
     def freeze_fix_rate(self, fix_rate: float) -> None:
         """SPEC 2 freezing: embeddings plus the lowest int(L * fix_rate) layers of each encoder."""
@@ -238,15 +207,6 @@ class ImageReward(nn.Module):
         from .checkpoint import export_official
 
         export_official(self, save_dir)
-
-
-def rank_from_scores(scores: Sequence[float]) -> list[int]:
-    """ranking[i] = rank of item i by descending score, 1 = best; ties keep input order."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    ranking = [0] * len(scores)
-    for rank, index in enumerate(order, start=1):
-        ranking[index] = rank
-    return ranking
 
 
 _DTYPES = {
