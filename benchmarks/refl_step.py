@@ -48,7 +48,6 @@ def sd15_parts(device, dtype, mini: bool = False):
     """SD-1.5-shaped modules from configs (random weights) + the tiny BPE tokenizer.
 
     mini: the same block structure at toy widths and 128 px (a CPU smoke test of the GPU code path)."""
-    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -7,7 +7,6 @@ through the sampler, the VAE decoder and the differentiable preprocessing, on he
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -344,7 +343,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from rayapp.train.common import DS_TAG, STATE_FILE, disable_cpu_shm_comm, world
+    from rayapp.train.common import DS_TAG, STATE_FILE, disable_cpu_shm_comm
     from rayapp.train.refl_data import infinite_batches
 
     cfg = ReFLConfig.from_dict(config)
@@ -531,7 +530,6 @@ def pipeline_resolution_of(name: str) -> int:
 
 def run_refl(cfg: ReFLConfig) -> ReFLResult:
     """Run ReFL on the connected Ray cluster (or a local one) and collect its outputs in cfg.output_dir."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
