@@ -21,7 +21,7 @@ from rayapp.model.modeling import ImageReward, rank_from_scores
 from rayapp.model.tokenizer import load_tokenizer
 
 PROMPT = "two red circles on a blue background"
-OFFICIAL_TSV = Path(__file__).resolve().parents[2] / "shared" / "imagereward_v1_state_dict.tsv"
+OFFICIAL_TSV = Path(__file__).resolve().parent / "data" / "imagereward_v1_state_dict.tsv"  # every official key, shape, dtype
 
 
 def random_image(seed: int, size=(80, 64), mode="RGB") -> Image.Image:
