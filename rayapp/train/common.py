@@ -17,9 +17,11 @@ DS_TAG = "ds"  # DeepSpeed checkpoint tag (sub-directory) inside a Ray Train che
 
 
 def resolve_precision(precision: str, use_gpu: bool) -> str:
-    """'auto' -> bf16 on GPU, fp32 on CPU; anything else is returned as given."""
+    """'auto' -> bf16 on GPU, fp32 on CPU; fp16 needs a GPU (no CPU fp16 conv kernels); else as given."""
     if precision == "auto":
         return "bf16" if use_gpu else "fp32"
+    if precision == "fp16" and not use_gpu:
+        raise ValueError("precision fp16 needs a GPU; use fp32 or bf16 on CPU")
     return precision
 
 

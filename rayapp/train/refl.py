@@ -43,16 +43,6 @@ RM_TINY_WORDS = (
 # ------------------------------------------------------------------------------------------------------
 # model pieces (usable outside Ray)
 # ------------------------------------------------------------------------------------------------------
-def resolve_precision(precision: str, use_gpu: bool) -> str:
-    if precision == "auto":
-        return "bf16" if use_gpu else "fp32"
-    if precision in ("bf16", "fp16") and not use_gpu:
-        # bf16 works on CPU but is slow without AMX; allowed, fp16 is not (no CPU fp16 kernels for conv)
-        if precision == "fp16":
-            raise ValueError("precision fp16 needs a GPU; use fp32 or bf16 on CPU")
-    return precision
-
-
 def dtype_of(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -343,7 +333,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from rayapp.train.common import DS_TAG, STATE_FILE, disable_cpu_shm_comm
+    from rayapp.train.common import DS_TAG, STATE_FILE, disable_cpu_shm_comm, resolve_precision
     from rayapp.train.refl_data import infinite_batches
 
     cfg = ReFLConfig.from_dict(config)
