@@ -4,15 +4,21 @@ Scene and caption. A prompt describes COUNT objects of one SHAPE, COLOUR and SIZ
 BACKGROUND, e.g. "two large red circles on a gray background". Counts 1-3, sizes small / large,
 6 colours, 3 shapes, 3 backgrounds. Objects sit in distinct cells of a 2x2 grid (jittered) so they never
 overlap; every shape has the same area for a given size, and a large object has ~5x the area of a small
-one, so the coloured area alone tells size and count apart (attributes a tiny ViT binds quickly).
+one, so size shows in every single object.
 
 Candidates. Each prompt gets K images; candidate k has a faithfulness f and a quality q:
   f = 2  the image shows exactly the caption;
-  f = 1  one of the varied attributes (default colour, count, size; chosen uniformly) is wrong;
+  f = 1  one of the varied attributes (chosen uniformly) is wrong;
   f = 0  two of them are wrong (one if only one attribute is varied).
   q = 2  clean;
   q = 1  mild: Gaussian blur of radius 1.2 px OR grey Gaussian noise of sigma 24/255 (coin flip);
   q = 0  heavy: blur of radius 2.0 px AND grey noise of sigma 36/255   (radii scale with image_size / 64).
+The varied attributes default to colour and size (DEFAULT_ATTRIBUTES); count is drawn and captioned but
+only made wrong when asked for (`attributes=("colour", "count", "size")`, `--attributes colour,count,size`).
+Why: colour and size are local (a patch or two shows them), count is a global sum over the image, and
+the tiny preset does not learn to count within the CPU budget: trained like the test (6 epochs) on
+a set varying all three, it ordered count-only pairs at 0.45-0.58 (near chance) while colour and size pairs
+reached 0.95-1.0. Full-size presets can be given the harder set.
 Shape and background are always right. A wrong value is drawn uniformly among the other values, so over
 the set faithful and unfaithful images have the same attribute distribution: an image-only view cannot
 tell f, only the caption can. The first candidate drawn is always (f=2, q=2); the other K-1 draw f and q
@@ -51,7 +57,8 @@ BACKGROUNDS = {"white": (240, 240, 240), "gray": (128, 128, 128), "black": (18, 
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 SIZES = ("small", "large")
-VARIABLE_ATTRIBUTES = ("colour", "count", "size")  # the ones a candidate may get wrong
+VARIABLE_ATTRIBUTES = ("colour", "count", "size")  # the ones a candidate may be asked to get wrong
+DEFAULT_ATTRIBUTES = ("colour", "size")  # the ones it gets wrong by default (module docstring)
 
 # Object "radius" at 64 px: the radius of the circle of equal area; other shapes get the same area.
 RADIUS_64 = {"small": 4.0, "large": 9.0}
@@ -182,7 +189,7 @@ def encode_png(img: Image.Image) -> bytes:
 
 
 def make_record(index: int, *, seed: int = 0, per_prompt: int = 6, image_size: int = 64,
-                attributes: tuple[str, ...] = VARIABLE_ATTRIBUTES) -> dict:
+                attributes: tuple[str, ...] = DEFAULT_ATTRIBUTES) -> dict:
     """Prompt number `index` of the set: a row of the synthetic Parquet schema."""
     if per_prompt < 2:
         raise ValueError(f"per_prompt must be >= 2 to make comparisons, got {per_prompt}")
@@ -233,7 +240,7 @@ def split_sizes(prompts: int, val_fraction: float, test_fraction: float) -> dict
 
 def write_synthetic_set(out_dir: str | os.PathLike, *, prompts: int = 1000, per_prompt: int = 6,
                         seed: int = 0, image_size: int = 64, val_fraction: float = 0.1,
-                        test_fraction: float = 0.1, attributes: tuple[str, ...] = VARIABLE_ATTRIBUTES,
+                        test_fraction: float = 0.1, attributes: tuple[str, ...] = DEFAULT_ATTRIBUTES,
                         rows_per_shard: int = 256, overwrite: bool = False,
                         progress: bool = True) -> SynthReport:
     """Write DIR/train, DIR/val, DIR/test (Parquet shards), DIR/tokenizer and DIR/synth.json."""
