@@ -26,12 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_cli_arguments(parser)
     parser.add_argument("--no-eval", action="store_true", help="skip scoring the test split at the end")
+    parser.add_argument("--data-progress-bars", action="store_true",
+                        help="show Ray Data's progress bars (off: the loop prints one progress line per report)")
     args = parser.parse_args(argv)
     config = config_from_args(args)
     # Under `ray job submit` the working directory is a temporary copy: anchor relative outputs here.
     config.output_dir = str(Path(config.output_dir).resolve())
 
-    from rayapp.train.common import local_ray_init
+    from rayapp.train.common import local_ray_init, quiet_data_progress_bars
     from rayapp.train.rm_trainer import (
         build_trainer,
         collect_result,
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     local_ray_init()
+    if not args.data_progress_bars:
+        quiet_data_progress_bars()
     config, data_dir, tokenizer, plan = prepare(config)
     print(describe_plan(config, plan), flush=True)
     result = collect_result(config, plan, _fit(build_trainer(config, data_dir, tokenizer, plan)))

@@ -118,6 +118,8 @@ def test_job_submit_trains_and_writes_a_loadable_model(ray_cluster, tmp_path):
     assert re.search(r"Job '\S+' succeeded", log), log[-4000:]  # the CLI's words for status SUCCEEDED
     assert "steps per epoch:" in log and "effective batch: 32 pairs" in log, log[-4000:]
     assert "held-out pairwise accuracy" in log, log[-4000:]
+    # the loop's own progress line replaces Ray Train's per-report INFO dump
+    assert "[train] update 3/3" in log and "Reporting training result" not in log, log[-4000:]
     model = rayapp.load(out / "model", device="cpu")
     assert model.config.image_size == 64
     summary = json.loads((out / "summary.json").read_text())

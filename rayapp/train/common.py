@@ -184,6 +184,31 @@ def save_checkpoint(engine, directory: str | Path, state: dict, extra: Callable[
     (directory / f"{DONE_PREFIX}{rank}").write_text("ok")
 
 
+def quiet_report_log() -> None:
+    """Silence Ray Train's INFO line per `ray.train.report` (the whole metrics dict, from every rank); the
+    loops print their own one-line progress on rank 0 instead. A no-op where Ray moved that logger."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logger = getattr(context, "logger", None)
+    if isinstance(logger, logging.Logger):
+        logger.setLevel(logging.WARNING)
+
+
+def quiet_data_progress_bars() -> None:
+    """No Ray Data progress bars for datasets built after this call in this process (the driver).
+
+    Training re-splits its datasets every epoch and each split's bar reaches the driver as a stream of
+    carriage-return lines through the log monitor; the train loop's own progress line says the same.
+    """
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
 def report(metrics: dict, engine=None, state: dict | None = None,
            extra: Callable[[Path], None] | None = None) -> None:
     """`ray.train.report` from every rank; with `engine`, also a checkpoint of it and `state`."""

@@ -333,9 +333,10 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from rayapp.train.common import DS_TAG, STATE_FILE, disable_cpu_shm_comm, resolve_precision
+    from rayapp.train.common import DS_TAG, STATE_FILE, disable_cpu_shm_comm, quiet_report_log, resolve_precision
     from rayapp.train.refl_data import infinite_batches
 
+    quiet_report_log()  # the [refl] lines below say what Ray Train's per-report INFO line would
     cfg = ReFLConfig.from_dict(config)
     device = ray.train.torch.get_device()
     use_gpu = device.type == "cuda"

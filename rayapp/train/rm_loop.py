@@ -128,6 +128,7 @@ def train_loop(loop_config: dict) -> None:
     device = get_device()
     precision = common.resolve_precision(config.precision, config.use_gpu)
 
+    common.quiet_report_log()
     model = build_model(config, plan["tokenizer"])
     common.seed_everything(config.seed + rank)  # after the weights: dropout and the like differ per rank
     ds_config = common.deepspeed_config(
@@ -216,6 +217,8 @@ def train_loop(loop_config: dict) -> None:
                     state["best_val_loss"], state["best_step"] = metrics["val_loss"], done
                     best["weights"] = common.full_state_dict(engine)
                 metrics["best_val_loss"] = state["best_val_loss"]
+            if rank == 0:
+                print(progress_line(metrics, total), flush=True)
             if do_ckpt:
                 common.report(metrics, engine=engine, state=state, extra=write_best)
             else:
@@ -223,6 +226,16 @@ def train_loop(loop_config: dict) -> None:
             window_loss, window_n, t_window = 0.0, 0, time.time()
 
     _finish(engine, config, plan, state, best, train_shard, device)
+
+
+def progress_line(metrics: dict, total_steps: int) -> str:
+    """One line of training progress: update, epoch, losses, validation accuracy, throughput."""
+    parts = [f"[train] update {metrics['step']}/{total_steps}", f"epoch {metrics['epoch']:.2f}",
+             f"train loss {metrics['train_loss']:.4f}", f"lr {metrics['lr']:.2e}",
+             f"{metrics['pairs_per_s']:.0f} pairs/s"]
+    if "val_loss" in metrics:
+        parts += [f"val loss {metrics['val_loss']:.4f}", f"val acc {metrics['val_acc']:.3f}"]
+    return "  ".join(parts)
 
 
 def _final_metrics(state: dict, steps_per_epoch: int) -> dict:
