@@ -63,7 +63,12 @@ class DiffusionParts:
 
 def load_diffusion_parts(cfg: ReFLConfig, device: torch.device, frozen_dtype: torch.dtype) -> DiffusionParts:
     """Load (or build, for "tiny") the SD pipeline and split it into ReFL's parts."""
-    from rayapp.diffusion.tiny import load_pipeline, make_scheduler, tiny_sd_pipeline, vae_scale_factor
+    from rayapp.diffusion.tiny import (
+        load_pipeline,
+        make_scheduler,
+        tiny_sd_pipeline,
+        vae_scale_factor,
+    )
 
     if cfg.pretrained == "tiny":  # built in memory: transformers' save_pretrained writes only on rank 0
         pipe = tiny_sd_pipeline(seed=cfg.tiny_seed)
@@ -333,7 +338,13 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from rayapp.train.common import DS_TAG, STATE_FILE, disable_cpu_shm_comm, quiet_report_log, resolve_precision
+    from rayapp.train.common import (
+        DS_TAG,
+        STATE_FILE,
+        disable_cpu_shm_comm,
+        quiet_report_log,
+        resolve_precision,
+    )
     from rayapp.train.refl_data import infinite_batches
 
     quiet_report_log()  # the [refl] lines below say what Ray Train's per-report INFO line would
