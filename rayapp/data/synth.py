@@ -18,7 +18,8 @@ only made wrong when asked for (`attributes=("colour", "count", "size")`, `--att
 Why: colour and size are local (a patch or two shows them), count is a global sum over the image, and
 the tiny preset does not learn to count within the CPU budget: in three runs of ~1600 updates (the
 learning test's budget) on sets varying all three, it ordered clean count-only caption pairs right 0.45-0.66
-of the time (chance: 0.5), colour-only 0.82-0.98 and size-only 1.0. Full-size presets can take the harder set.
+of the time (chance: 0.5), colour-only 0.82-0.98 and size-only 1.0 (tools/recipe_probe.py prints this
+split). Full-size presets can take the harder set.
 Shape and background are always right. A wrong value is drawn uniformly among the other values, so over
 the set faithful and unfaithful images have the same attribute distribution: an image-only view cannot
 tell f, only the caption can. The first candidate drawn is always (f=2, q=2); the other K-1 draw f and q

@@ -12,7 +12,8 @@ from pathlib import Path
 # was picked by held-out pairwise accuracy after 6 epochs: lr 1e-3 with 150 warm-up updates reached 0.921 and
 # 0.935 on the default synthetic set (seeds 0, 1234); on the set that also varies count it beat the earlier
 # lr 3e-4 with 10 warm-up updates, 0.871 to 0.850; an earlier probe saw 1e-3 with only 10 warm-up updates
-# stall at the ln 2 plateau. Nothing is frozen because random lower layers are not worth keeping.
+# stall at the ln 2 plateau (measured with tools/recipe_probe.py). Nothing is frozen because random lower
+# layers are not worth keeping.
 PRESET_TRAINING_DEFAULTS: dict[str, dict] = {
     "imagereward-v1": {
         "lr": 1e-5,
