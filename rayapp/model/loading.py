@@ -10,7 +10,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import RewardModelConfig, get_preset
-from .modeling import ImageReward, resolve_dtype
+from .dtypes import resolve_dtype
+from .modeling import ImageReward
 from .tokenizer import load_tokenizer
 
 # Known names -> (hub repo, weights file, med_config file). Downloads go through the Hugging Face cache.

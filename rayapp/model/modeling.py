@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import RewardModelConfig
+from .dtypes import resolve_dtype
 from .images import DEFAULT_MAX_PIXELS, load_image, preprocess_pil, preprocess_tensor
 from .scoring import BatchScoringMixin, rank_from_scores  # noqa: F401  (rank_from_scores re-exported)
 
@@ -208,21 +209,3 @@ class ImageReward(BatchScoringMixin, nn.Module):
 
         export_official(self, save_dir)
 
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """torch dtype from a dtype or one of its usual names ('bf16', 'float16', ...)."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
