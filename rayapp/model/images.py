@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,31 @@ def _describe(item: Any, index: int | None) -> str:
     where = f"image[{index}]" if index is not None else "image"
     if isinstance(item, (str, os.PathLike)):
         return f"{where} ({os.fspath(item)!r})"
+    if is_hf_image(item) and item.get("path"):
+        return f"{where} (image dict, path {item['path']!r})"
     return f"{where} ({type(item).__name__})"
+
+
+def is_hf_image(item: Any) -> bool:
+    """A Hugging Face Datasets image value: a mapping with "bytes" and/or "path" (the `Image` feature's storage)."""
+    return isinstance(item, Mapping) and ("bytes" in item or "path" in item)
+
+
+def is_image_value(item: Any) -> bool:
+    """True for one image input (anything `load_image` takes), False for a list / array of several."""
+    if isinstance(item, np.ndarray):
+        return item.dtype != object
+    return isinstance(item, (Image.Image, str, os.PathLike, bytes, bytearray, memoryview, torch.Tensor)) \
+        or is_hf_image(item)
+
+
+def image_bytes(item: Any, index: int | None = None) -> bytes | None:
+    """The encoded bytes of a bytes-like or HF image dict input (None for other kinds, e.g. paths, PIL)."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    if is_hf_image(item) and item.get("bytes") is not None:
+        return bytes(item["bytes"])
+    return None
 
 
 def _array_to_pil(array: np.ndarray, label: str) -> Image.Image:
@@ -67,10 +92,20 @@ def _open_checked(source: Any, label: str, max_pixels: int) -> Image.Image:
 
 
 def load_image(item: Any, index: int | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Turn one image input (PIL, path, bytes, numpy array, tensor) into a PIL image, or raise naming it."""
+    """Turn one image input (PIL, path, bytes, HF `{"bytes", "path"}` dict, numpy array, tensor) into a PIL
+    image, or raise naming it. A dict's bytes win over its path (Datasets keeps the original file name there)."""
     label = _describe(item, index)
     if isinstance(item, Image.Image):
         return item
+    if is_hf_image(item):
+        data, path = item.get("bytes"), item.get("path")
+        if data is not None and len(data) > 0:
+            return _open_checked(io.BytesIO(bytes(data)), label, max_pixels)
+        if path:
+            if not Path(path).is_file():
+                raise ImageInputError(f"{label}: no bytes and no such file")
+            return _open_checked(Path(path), label, max_pixels)
+        raise ImageInputError(f"{label}: image dict has neither bytes nor a path")
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if not path.is_file():
@@ -88,7 +123,8 @@ def load_image(item: Any, index: int | None = None, *, max_pixels: int = DEFAULT
     if isinstance(item, np.ndarray):
         return _array_to_pil(item, label)
     raise ImageInputError(
-        f"{label}: unsupported type {type(item).__name__}; pass a PIL image, path, bytes, numpy array or tensor"
+        f"{label}: unsupported type {type(item).__name__}; pass a PIL image, path, bytes, "
+        f"{{'bytes', 'path'}} dict, numpy array or tensor"
     )
 
 
@@ -99,8 +135,8 @@ def resized_size(width: int, height: int, image_size: int) -> tuple[int, int]:
     return int(image_size * width / height), image_size
 
 
-def preprocess_pil(img: Image.Image, image_size: int) -> torch.Tensor:
-    """Reference preprocessing: bicubic short-side resize, center crop, RGB, [0,1], CLIP normalise -> [3,S,S]."""
+def crop_uint8(img: Image.Image, image_size: int) -> np.ndarray:
+    """The reference's geometry: bicubic short-side resize, center crop, RGB -> uint8 [S,S,3]."""
     new_w, new_h = resized_size(*img.size, image_size)
     if (new_w, new_h) != img.size:
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
@@ -108,10 +144,25 @@ def preprocess_pil(img: Image.Image, image_size: int) -> torch.Tensor:
     top = int(round((new_h - image_size) / 2.0))
     img = img.crop((left, top, left + image_size, top + image_size))
     img = img.convert("RGB")  # after the crop, as the reference does (matters for palette / alpha images)
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255.0)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
-    return (pixels - mean) / std
+    return np.asarray(img, dtype=np.uint8)
+
+
+_MEAN_NP = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
+_STD_NP = np.asarray(CLIP_STD, dtype=np.float32).reshape(1, 3, 1, 1)
+
+
+def normalize_uint8(batch_hwc: np.ndarray) -> np.ndarray:
+    """uint8 [N,S,S,3] -> float32 [N,3,S,S]: /255 then CLIP mean/std, in float32 (whole batch at once)."""
+    pixels = np.ascontiguousarray(batch_hwc.transpose(0, 3, 1, 2)).astype(np.float32)
+    pixels /= np.float32(255.0)
+    pixels -= _MEAN_NP
+    pixels /= _STD_NP
+    return pixels
+
+
+def preprocess_pil(img: Image.Image, image_size: int) -> torch.Tensor:
+    """Reference preprocessing: bicubic short-side resize, center crop, RGB, [0,1], CLIP normalise -> [3,S,S]."""
+    return torch.from_numpy(normalize_uint8(crop_uint8(img, image_size)[None])[0])
 
 
 def preprocess_tensor(images_0_1: torch.Tensor, image_size: int) -> torch.Tensor:
