@@ -19,7 +19,7 @@ _LAZY = {
     "RewardModelConfig": "rayapp.model.config",
     "load_score": "rayapp.eval.baselines",
 }
-__all__ = sorted(_LAZY)
+__all__ = sorted(_LAZY)  # noqa: PLE0605  (derived, so it cannot drift from _LAZY)
 
 
 def __getattr__(name: str):

@@ -7,7 +7,7 @@ import sys
 
 # sub-command -> module exposing `register(subparsers)`; modules keep heavy imports inside their handlers.
 COMMANDS = {
-    "score": "rayapp.model.cli",
+    "score": "rayapp.score_cli",
     "data": "rayapp.data.cli",
     "eval": "rayapp.eval.cli",
     "generate": "rayapp.eval.generate",
@@ -15,7 +15,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `rayapp` parser with every sub-command this install has."""
     parser = argparse.ArgumentParser(prog="rayapp", description="ImageReward on Ray: score, data, eval, generate.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="debug lines from rayapp and the INFO chatter of Ray, transformers, ... (default: off)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module_name in COMMANDS.values():
         try:
@@ -29,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; bad input ends with a one-line message and exit status 2."""
+    from rayapp.logs import setup_logging
+
     args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as err:  # bad input / missing files: a message, not a traceback

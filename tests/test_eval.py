@@ -181,12 +181,39 @@ def test_baseline_tiny_through_loader(name, tmp_path):
         scorer.score("a red circle", [pil, b"not an image"])
 
 
+def test_baseline_registry_one_module_per_scorer(tmp_path):
+    """Every name has a module with the three constructors; names, spec parsing and saved dirs agree."""
+    import importlib
+
+    import rayapp
+    from rayapp.eval import baselines
+    from rayapp.eval.scorers import parse_spec
+
+    assert baselines.available_scores() == list(baselines.BASELINES) == ["CLIP", "BLIP", "Aesthetic"]
+    for name, module_name in baselines.BASELINES.items():
+        module = importlib.import_module(module_name)
+        assert all(callable(getattr(module, f, None)) for f in ("build_tiny", "load_saved", "load_real"))
+        assert baselines.canonical_name(name.upper()) == name
+        assert parse_spec(f"{name.lower()}:tiny").kind == name
+    with pytest.raises(ValueError, match="available scores"):
+        rayapp.load_score("PickScore")
+    with pytest.raises(ValueError, match="unknown scorer"):
+        parse_spec("PickScore")
+    rayapp.load_score("CLIP", config="tiny").save_pretrained(tmp_path / "clip")
+    assert parse_spec(str(tmp_path / "clip")).kind == baselines.saved_baseline(tmp_path / "clip") == "CLIP"
+    with pytest.raises(ValueError, match="holds a 'CLIP' scorer, not 'BLIP'"):
+        rayapp.load_score("BLIP", tmp_path / "clip")
+    with pytest.raises(FileNotFoundError, match="scorer.json"):
+        rayapp.load_score("BLIP", tmp_path)
+
+
 def test_baselines_real_loading_paths_offline(tmp_path):
     """The real-weight code paths, fed local files instead of downloads: BLIP from a model_large.pth-style
     checkpoint (BLIP_Pretrain key names + unused keys), Aesthetic from a CLIP dir + an MLP .pth, CLIP from a dir."""
     import torch
 
-    from rayapp.eval.baselines import fetch_weights, load_score
+    from rayapp.eval.baselines import load_score
+    from rayapp.eval.baselines.download import fetch_weights
     from rayapp.model.checkpoint import internal_to_official
 
     pil, _ = _images()

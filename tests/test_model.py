@@ -16,8 +16,15 @@ from PIL import Image
 import rayapp
 from rayapp.model import checkpoint as ckpt
 from rayapp.model.config import get_preset, list_presets
-from rayapp.model.images import CLIP_MEAN, CLIP_STD, ImageInputError, preprocess_pil, preprocess_tensor
-from rayapp.model.modeling import ImageReward, rank_from_scores
+from rayapp.model.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ImageInputError,
+    preprocess_pil,
+    preprocess_tensor,
+)
+from rayapp.model.modeling import ImageReward
+from rayapp.model.scoring import rank_from_scores
 from rayapp.model.tokenizer import load_tokenizer
 
 PROMPT = "two red circles on a blue background"
@@ -80,11 +87,19 @@ def test_import_rayapp_is_light():
     assert out.stdout.strip() == "[]"
 
 
-def test_model_package_does_not_import_ray_or_diffusers():
-    code = ("import sys, rayapp.model, rayapp.model.cli; "
-            "print([m for m in ('ray', 'deepspeed', 'diffusers') if m in sys.modules])")
+def test_model_package_does_not_import_ray_serve_or_diffusers():
+    modules = ", ".join(f"rayapp.model.{p.stem}" for p in (Path(rayapp.__file__).parent / "model").glob("*.py"))
+    code = (f"import sys, {modules}, rayapp.score_cli; "
+            "print([m for m in ('ray', 'deepspeed', 'diffusers', 'rayapp.serve') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_create_model_is_in_train_mode_and_load_in_eval_mode(tiny_tokenizer_dir, tmp_path):
+    model = rayapp.create_model("tiny", tokenizer=tiny_tokenizer_dir, seed=0)
+    assert model.training and model.head.training  # nn.Module's default, as documented
+    model.save_pretrained(tmp_path)
+    assert not rayapp.load(tmp_path, device="cpu").training
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

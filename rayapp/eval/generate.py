@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -92,7 +91,7 @@ def generate_and_filter(*, pipeline: str, prompts: list[str], out_dir: str | Pat
     from PIL.PngImagePlugin import PngInfo
     from tqdm.auto import tqdm
 
-    from rayapp.diffusion.tiny import load_pipeline
+    from rayapp.diffusion import load_pipeline
     from rayapp.eval.scorers import load_scorer
 
     if not prompts:
@@ -156,17 +155,14 @@ def _read_prompts(args) -> list[str]:
 
 
 def _handle(args) -> int:
-    try:
-        result = generate_and_filter(
-            pipeline=args.pipeline, prompts=_read_prompts(args), out_dir=args.out, num_images=args.num_images,
-            scorer=args.scorer, min_score=None if args.keep_all else args.min_score, steps=args.steps,
-            guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt, height=args.height,
-            width=args.width, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-            batch_size=args.batch_size, progress=not args.quiet,
-        )
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """Print what was kept (bad input: see rayapp.cli.main)."""
+    result = generate_and_filter(
+        pipeline=args.pipeline, prompts=_read_prompts(args), out_dir=args.out, num_images=args.num_images,
+        scorer=args.scorer, min_score=None if args.keep_all else args.min_score, steps=args.steps,
+        guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt, height=args.height,
+        width=args.width, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+        batch_size=args.batch_size, progress=not args.quiet,
+    )
     if not result.kept:
         best = max((d.score for d in result.dropped), default=float("nan"))
         print(f"no image reached --min-score {args.min_score} (best of {result.generated} scored {best:.4f}); "

@@ -12,21 +12,21 @@ reward models and the baseline's name for baselines.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-BASELINE_NAMES = ("CLIP", "BLIP", "Aesthetic")
+from rayapp.eval.baselines import available_scores, match_baseline, saved_baseline
+
 IMAGEREWARD_NAMES = ("ImageReward", "ImageReward-v1.0")
 
 
 @dataclass(frozen=True)
 class ScorerSpec:
     label: str  # display name and column suffix
-    kind: str  # "imagereward" or one of BASELINE_NAMES
+    kind: str  # "imagereward" or a baseline name (rayapp.eval.baselines.BASELINES)
     source: str  # hub name, path, or "tiny"
 
     @property
@@ -42,13 +42,6 @@ class ScorerSpec:
         return f"{self.label}={source}"
 
 
-def _baseline_name(text: str) -> str | None:
-    for name in BASELINE_NAMES:
-        if text.lower() == name.lower():
-            return name
-    return None
-
-
 def parse_spec(text: str) -> ScorerSpec:
     """Parse `[LABEL=]SOURCE` (see the module docstring)."""
     text = text.strip()
@@ -58,19 +51,19 @@ def parse_spec(text: str) -> ScorerSpec:
     if not text:
         raise ValueError("empty scorer spec")
     name, _, variant = text.partition(":")
-    baseline = _baseline_name(name)
+    baseline = match_baseline(name)
     if baseline and variant in ("", "tiny"):
         return ScorerSpec(label or baseline, baseline, variant or "hub")
     if text in IMAGEREWARD_NAMES:
         return ScorerSpec(label or "ImageReward", "imagereward", "ImageReward-v1.0")
     path = Path(text).expanduser()
-    if path.is_dir() and (path / "scorer.json").is_file():
-        kind = json.loads((path / "scorer.json").read_text())["scorer"]
+    kind = saved_baseline(path) if path.is_dir() else None
+    if kind is not None:
         return ScorerSpec(label or kind, kind, os.fspath(path))
     if path.exists():
         return ScorerSpec(label or "ImageReward", "imagereward", os.fspath(path))
     raise ValueError(
-        f"unknown scorer {text!r}: use ImageReward, CLIP, BLIP, Aesthetic, NAME:tiny, or an existing path"
+        f"unknown scorer {text!r}: use ImageReward, {', '.join(available_scores())}, NAME:tiny, or an existing path"
     )
 
 

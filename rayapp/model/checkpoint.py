@@ -1,7 +1,8 @@
 """Checkpoint formats: the official ImageReward.pt (+ med_config.json) and our safetensors directory.
 
 Official key names map one-to-one onto ours; anything missing, unexpected or mis-shaped is an error
-that names the key (the reference's `strict=False` silently hid such problems).
+that names the key (the reference's `strict=False` silently hid such problems). The weights readers and
+the strict loader here are the only ones in rayapp; the baseline scorers use them too.
 """
 from __future__ import annotations
 
@@ -85,11 +86,10 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     """
     names = names or {}
     expected = model.state_dict()
-    shown = lambda key: names.get(key, key)  # noqa: E731
-    missing = sorted(shown(k) for k in expected if k not in state)
-    unexpected = sorted(shown(k) for k in state if k not in expected)
+    missing = sorted(names.get(k, k) for k in expected if k not in state)
+    unexpected = sorted(names.get(k, k) for k in state if k not in expected)
     mismatched = [
-        f"{shown(k)}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{names.get(k, k)}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in expected if k in state and state[k].shape != expected[k].shape
     ]
     problems = []
@@ -104,20 +104,33 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(state, strict=True)
 
 
-# ---- official format --------------------------------------------------------------------------
-def read_official_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary objects."""
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file: `.safetensors`, or torch.load(weights_only=True) (never arbitrary objects).
+
+    A training checkpoint's `{"model": ...}` or `{"state_dict": ...}` wrapper is unwrapped (BLIP's
+    model_large.pth has one); every value must then be a tensor.
+    """
+    source = os.fspath(path)
+    if source.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(source)
     try:
-        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as err:  # pickle refusing a non-tensor object, truncated file, ...
-        raise CheckpointError(f"{os.fspath(path)}: not a loadable weights-only checkpoint: {err}") from err
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+        raise CheckpointError(f"{source}: not a loadable weights-only checkpoint: {err}") from err
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{os.fspath(path)}: expected a state_dict of tensors")
+        raise CheckpointError(f"{source}: expected a state_dict of tensors")
     return state
+
+
+# ---- official format --------------------------------------------------------------------------
 
 
 def config_from_official(state: dict[str, torch.Tensor], med_config: dict) -> RewardModelConfig:
@@ -140,7 +153,7 @@ def config_from_official(state: dict[str, torch.Tensor], med_config: dict) -> Re
     extras = med_config.get("rayapp", {})  # our exports record what shapes cannot tell
     dropout = float(med_config.get("hidden_dropout_prob", 0.1))
     return RewardModelConfig(
-        image_size=int(round(num_patches ** 0.5)) * patch,
+        image_size=round(num_patches ** 0.5) * patch,
         patch_size=patch,
         vision_hidden_size=vision_width,
         vision_num_layers=len(blocks),
@@ -229,24 +242,28 @@ def export_official(model, save_dir: str | os.PathLike) -> None:
 
 
 # ---- our format ---------------------------------------------------------------------------------
-def save_pretrained(model, save_dir: str | os.PathLike) -> None:
-    """config.json + model.safetensors (+ tokenizer files): everything `rayapp.load(dir)` needs."""
+def save_weights_dir(model: torch.nn.Module, save_dir: str | os.PathLike, config_file: str, config: dict) -> None:
+    """`config_file` (JSON of `config`) + model.safetensors (+ the model's tokenizer files, if it has one)."""
     from safetensors.torch import save_file
 
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    model.config.save(save_dir / PRETRAINED_CONFIG)
+    (save_dir / config_file).write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.fspath(save_dir / PRETRAINED_WEIGHTS), metadata={"format": "pt", "library": "rayapp"})
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(os.fspath(save_dir))
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.fspath(save_dir))
+
+
+def save_pretrained(model, save_dir: str | os.PathLike) -> None:
+    """config.json + model.safetensors (+ tokenizer files): everything `rayapp.load(dir)` needs."""
+    save_weights_dir(model, save_dir, PRETRAINED_CONFIG, model.config.to_dict())
 
 
 def read_pretrained_state(save_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The safetensors weights of a `save_pretrained` directory (no pickle involved)."""
-    from safetensors.torch import load_file
-
-    return load_file(os.fspath(Path(save_dir) / PRETRAINED_WEIGHTS))
+    """The safetensors weights of a `save_pretrained` / `save_weights_dir` directory (no pickle involved)."""
+    return read_state_dict(Path(save_dir) / PRETRAINED_WEIGHTS)
 
 
 def has_tokenizer_files(directory: str | os.PathLike) -> bool:

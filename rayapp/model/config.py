@@ -47,7 +47,7 @@ class RewardModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RewardModelConfig":
+    def from_dict(cls, data: dict) -> RewardModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in data if k not in known and not k.startswith("_"))
         if unknown:
@@ -58,7 +58,7 @@ class RewardModelConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "RewardModelConfig":
+    def load(cls, path: str | Path) -> RewardModelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

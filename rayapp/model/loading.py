@@ -10,7 +10,6 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import RewardModelConfig, get_preset
-from .dtypes import resolve_dtype
 from .modeling import ImageReward
 from .tokenizer import load_tokenizer
 
@@ -40,7 +39,8 @@ def _resolve_tokenizer(tokenizer: Any, config: RewardModelConfig, beside: Path |
 
 def create_model(preset: str | RewardModelConfig = "tiny", *, tokenizer: Any = None, seed: int | None = None,
                  **overrides) -> ImageReward:
-    """Build any architecture (a preset name or a config) with fresh weights."""
+    """Build any architecture (a preset name or a config) with fresh weights: CPU, float32, train mode
+    (nn.Module's default; call `.eval()` before scoring, or use `load`, which returns eval mode)."""
     config = preset if isinstance(preset, RewardModelConfig) else get_preset(preset, **overrides)
     if isinstance(preset, RewardModelConfig) and overrides:
         config = RewardModelConfig.from_dict({**preset.to_dict(), **overrides})
@@ -88,7 +88,7 @@ def _load_official(weights: Path, med_config: Path | dict, tokenizer: Any) -> Im
                 f"med_config.json not found at {med_config}; put it beside {weights.name} or pass med_config="
             )
         med = json.loads(Path(med_config).read_text())
-    state = ckpt.read_official_state(weights)
+    state = ckpt.read_state_dict(weights)
     config = ckpt.config_from_official(state, med)
     model = _model_for_loading(config, _resolve_tokenizer(tokenizer, config, weights.parent))
     ckpt.load_official_into(model, state, os.fspath(weights))
@@ -133,8 +133,4 @@ def load(name_or_path: str | os.PathLike = "ImageReward-v1.0", *, device: str | 
         raise ValueError(
             f"{key!r} is neither a known model ({', '.join(available_models())}) nor an existing file or directory"
         )
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    model.set_dtype(resolve_dtype(dtype) if dtype is not None else None)
-    return model.eval()
+    return model.ready_for_inference(device, dtype)

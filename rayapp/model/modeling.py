@@ -14,8 +14,8 @@ from torch import nn
 
 from .config import RewardModelConfig
 from .dtypes import resolve_dtype
-from .images import DEFAULT_MAX_PIXELS, load_image, preprocess_pil, preprocess_tensor
-from .scoring import BatchScoringMixin, rank_from_scores  # noqa: F401  (rank_from_scores re-exported)
+from .images import preprocess_tensor
+from .scoring import BatchScoringMixin, check_prompts
 
 
 class RewardHead(nn.Module):
@@ -48,7 +48,8 @@ class RewardHead(nn.Module):
         return self.layers(features).squeeze(-1)
 
 
-def _vision_config(cfg: RewardModelConfig):
+def blip_vision_config(cfg: RewardModelConfig):
+    """transformers' BlipVisionConfig for the ViT that `cfg` describes (the BLIP baseline uses it too)."""
     from transformers import BlipVisionConfig
 
     return BlipVisionConfig(
@@ -65,7 +66,8 @@ def _vision_config(cfg: RewardModelConfig):
     )
 
 
-def _text_config(cfg: RewardModelConfig):
+def blip_text_config(cfg: RewardModelConfig):
+    """transformers' BlipTextConfig for the BERT that `cfg` describes, with its cross-attention layers."""
     from transformers import BlipTextConfig
 
     return BlipTextConfig(
@@ -98,8 +100,8 @@ class ImageReward(BatchScoringMixin, nn.Module):
 
         self.config = config
         self.tokenizer = tokenizer
-        self.vision = BlipVisionModel(_vision_config(config))
-        self.text = BlipTextModel(_text_config(config), add_pooling_layer=False)
+        self.vision = BlipVisionModel(blip_vision_config(config))
+        self.text = BlipTextModel(blip_text_config(config), add_pooling_layer=False)
         self.head = RewardHead(config.text_hidden_size, config.head_hidden_sizes, config.head_dropouts)
         if tokenizer is not None and len(tokenizer) > config.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} ids but the model's vocab_size is {config.vocab_size}")
@@ -110,11 +112,16 @@ class ImageReward(BatchScoringMixin, nn.Module):
         return self.head.layers[0].weight.device
 
     @property
+    def image_size(self) -> int:
+        """Side in pixels of the square images the vision encoder reads."""
+        return self.config.image_size
+
+    @property
     def dtype(self) -> torch.dtype:
         """The encoders' dtype (the head computes in its own dtype, float32 unless cast explicitly)."""
         return self.vision.embeddings.patch_embedding.weight.dtype
 
-    def set_dtype(self, dtype: torch.dtype | str | None) -> "ImageReward":
+    def set_dtype(self, dtype: torch.dtype | str | None) -> ImageReward:
         """Cast the encoders to `dtype`; the head stays float32, as the reference casts CLS features."""
         if dtype is not None:
             dtype = resolve_dtype(dtype)
@@ -145,11 +152,7 @@ class ImageReward(BatchScoringMixin, nn.Module):
         """Pad / truncate to `max_length`; `[CLS]` stays first (ImageReward does not swap in `[ENC]`)."""
         if self.tokenizer is None:
             raise RuntimeError("this model has no tokenizer; pass tokenizer= when creating or loading it")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompt[{i}] must be a string, got {type(prompt).__name__}")
-            if not prompt.strip():
-                raise ValueError(f"prompt[{i}] is empty")
+        check_prompts(prompts, allow_empty=False)
         enc = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=self.config.max_length,
             return_tensors="pt",
@@ -171,13 +174,6 @@ class ImageReward(BatchScoringMixin, nn.Module):
     def score_batch(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Normalised float32 rewards [B] for already preprocessed inputs (Serve, Ray Data)."""
         return self.normalize(self(pixel_values, input_ids, attention_mask).float())
-
-    def preprocess(self, images: Sequence[Any], *, max_pixels: int = DEFAULT_MAX_PIXELS, start: int = 0) -> torch.Tensor:
-        """Decode + preprocess a list of image inputs into [N,3,S,S]; errors name the item's index."""
-        return torch.stack([
-            preprocess_pil(load_image(item, start + i, max_pixels=max_pixels), self.config.image_size)
-            for i, item in enumerate(images)
-        ])
 
     # ---- training helpers -----------------------------------------------------------------------
     def freeze_fix_rate(self, fix_rate: float) -> None:

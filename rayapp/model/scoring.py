@@ -4,6 +4,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from .images import DEFAULT_MAX_PIXELS, load_image, preprocess_pil
+
 
 def rank_from_scores(scores: Sequence[float]) -> list[int]:
     """ranking[i] = rank of item i by descending score, 1 = best; ties keep input order."""
@@ -14,8 +18,38 @@ def rank_from_scores(scores: Sequence[float]) -> list[int]:
     return ranking
 
 
+def check_prompts(prompts: Sequence[Any], *, allow_empty: bool = True) -> None:
+    """Every prompt must be a string (and, unless `allow_empty`, not blank); errors name the index."""
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt[{i}] must be a string, got {type(prompt).__name__}")
+        if not allow_empty and not prompt.strip():
+            raise ValueError(f"prompt[{i}] is empty")
+
+
+def default_device() -> str:
+    """CUDA when available, else CPU: where loaders put a model when no device is given."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class BatchScoringMixin:
-    """Adds score / score_pairs / inference_rank to a scorer with tokenize, preprocess and score_batch."""
+    """Adds preprocess / score / score_pairs / inference_rank to an nn.Module scorer.
+
+    The scorer provides `image_size`, `tokenize(prompts)`, `score_batch(pixels, ids, mask)` and `set_dtype`.
+    """
+
+    def preprocess(self, images: Sequence[Any], *, max_pixels: int = DEFAULT_MAX_PIXELS, start: int = 0) -> torch.Tensor:
+        """Decode image inputs and apply the reference's CLIP transform -> [N,3,S,S]; errors name the item's index."""
+        return torch.stack([
+            preprocess_pil(load_image(item, start + i, max_pixels=max_pixels), self.image_size)
+            for i, item in enumerate(images)
+        ])
+
+    def ready_for_inference(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None):
+        """Move to `device` (default: `default_device()`), cast with `set_dtype`, switch to eval mode; returns self."""
+        self.to(device if device is not None else default_device())
+        self.set_dtype(dtype)
+        return self.eval()
 
     def score_pairs(self, prompts: Sequence[str], images: Sequence[Any], *, batch_size: int = 16,
                     progress: bool = False) -> list[float]:
@@ -25,9 +59,7 @@ class BatchScoringMixin:
             raise ValueError(f"score_pairs needs equal lengths, got {len(prompts)} prompts and {len(images)} images")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompt[{i}] must be a string, got {type(prompt).__name__}")
+        check_prompts(prompts)
         input_ids, attention_mask = self.tokenize(prompts)  # validates every prompt before any image work
         scores: list[float] = []
         starts = range(0, len(images), batch_size)

@@ -28,10 +28,11 @@ def load_tokenizer(name_or_dir: str | os.PathLike = BERT_HUB_NAME):
     try:
         tokenizer = BertTokenizer.from_pretrained(os.fspath(name_or_dir))
     except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        from huggingface_hub import constants
+
         hint = (
             " HF_HUB_OFFLINE is set and no cached copy was found; run once online or pass tokenizer=."
-            if offline
+            if constants.HF_HUB_OFFLINE
             else " Check the name, your network, or pass tokenizer= / a saved model directory."
         )
         raise OSError(f"cannot load the tokenizer {os.fspath(name_or_dir)!r}.{hint}") from err

@@ -1,12 +1,16 @@
-"""`rayapp score`: rank images for a prompt with a local model or a running endpoint."""
+"""`rayapp score`: rank images for a prompt with a local model or a running endpoint.
+
+It sits above both `rayapp.model` (local scoring) and `rayapp.serve.client` (HTTP), so neither depends
+on the other. Heavy imports happen inside `run`.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 
 
-
 def register(subparsers) -> None:
+    """Add `score` to the `rayapp` parser."""
     parser = subparsers.add_parser(
         "score", help="score images against a prompt",
         description="Score images for a prompt; prints a table sorted by score (best first).",
@@ -23,19 +27,23 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def score_images(args: argparse.Namespace) -> tuple[str, list[float]]:
+    """(what scored them, one score per image) through the endpoint or a locally loaded model."""
     if args.endpoint:
         from rayapp.serve.client import RewardClient
 
-        scores = RewardClient(args.endpoint).score(args.prompt, args.images)
-        model_name = args.endpoint
-    else:
-        from rayapp.model.loading import load
+        return args.endpoint, RewardClient(args.endpoint).score(args.prompt, args.images)
+    from rayapp.model.loading import load
 
-        model = load(args.model, device=args.device, dtype=args.dtype)
-        scores = model.score(args.prompt, args.images, batch_size=args.batch_size,
-                             progress=len(args.images) > args.batch_size)
-        model_name = args.model
+    model = load(args.model, device=args.device, dtype=args.dtype)
+    scores = model.score(args.prompt, args.images, batch_size=args.batch_size,
+                         progress=len(args.images) > args.batch_size)
+    return args.model, scores
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the images ranked by score, as a table or as JSON."""
+    model_name, scores = score_images(args)
     rows = sorted(zip(args.images, scores), key=lambda row: -row[1])
     if args.json:
         print(json.dumps({
