@@ -263,3 +263,234 @@ def test_train_shards_are_balanced_and_disjoint(ray_cluster, synth_dir):
     assert len(seen[0]) == len(seen[1]) == total // 2
     assert not set(seen[0]) & set(seen[1])
     assert len(set(seen[0]) | set(seen[1])) == len(seen[0]) + len(seen[1])
+
+
+# ---------------------------------------------------------------- ImageRewardDB as published on the hub
+
+def _webp(colour, size=(24, 16)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="WEBP", lossless=True)
+    return buf.getvalue()
+
+
+def _irdb_record(split, part, name, prompt_id, prompt, total, rank, ratings, cls="People"):
+    return {"image_path": f"images/{split}/{part}/{name}.webp", "prompt_id": prompt_id, "prompt": prompt,
+            "classification": cls, "image_amount_in_total": total, "rank": rank, "overall_rating": ratings[0],
+            "image_text_alignment_rating": ratings[1], "fidelity_rating": ratings[2]}
+
+
+# prompt id -> (split, part, prompt, [(rank, (overall, alignment, fidelity))]); the good groups of the replica
+IRDB_GOOD = {
+    "000001-0001": ("train", "train_1", "a cat on a sofa", [(2, (5, 6, 4)), (1, (7, 7, 6)), (2, (5, 4, 5))]),
+    "000002-0002": ("train", "train_2", "a red car", [(1, (6, 5, 6)), (2, (3, 2, 4))]),
+    "000003-0003": ("train", "train_3", "two dogs", [(1, (4, 4, 4)), (1, (4, 4, 4)), (3, (1, 2, 1))]),
+    "000004-0004": ("train", "train_4", "a blue house", [(3, (2, 2, 3)), (2, (4, 3, 4)), (1, (6, 6, 7))]),
+    "000005-0005": ("train", "train_5", "outside the 1k subset", [(1, (5, 5, 5)), (2, (2, 2, 2))]),
+    "000010-0010": ("validation", "validation_1", "a mountain lake", [(1, (6, 6, 6)), (2, (3, 3, 3))]),
+    "000020-0020": ("test", "test_1", "an old robot", [(2, (3, 4, 3)), (1, (6, 5, 6)), (3, (1, 1, 2))]),
+}
+IRDB_BAD = {"000006-0006": "image_amount_in_total", "000007-0007": "missing image",
+            "000008-0008": "cannot decode", "000009-0009": "prompt"}
+
+
+@pytest.fixture(scope="module")
+def irdb_root(tmp_path_factory) -> tuple[Path, dict]:
+    """A small replica of the hub layout: train zips 1-5 (train_2's JSON and images under a folder inside the
+    zip), validation extracted to a folder, a test zip without its JSON (records only in metadata-test.parquet),
+    metadata-*.parquet for every split, and four bad groups in train_2. Returns (root, image bytes by path)."""
+    import zipfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("irdb") / "ImageRewardDB"
+    by_part: dict[tuple, list] = {}
+    images: dict[str, bytes] = {}
+    colour = 0
+    for pid, (split, part, prompt, items) in IRDB_GOOD.items():
+        for k, (rank, ratings) in enumerate(items):
+            record = _irdb_record(split, part, f"{pid}-{k}", pid, prompt, len(items), rank, ratings)
+            colour += 1
+            images[record["image_path"]] = _webp((colour * 37 % 256, colour * 91 % 256, colour * 13 % 256))
+            by_part.setdefault((split, part), []).append(record)
+    bad = [  # all in train_2
+        _irdb_record("train", "train_2", "count-0", "000006-0006", "three images promised", 3, 1, (5, 5, 5)),
+        _irdb_record("train", "train_2", "count-1", "000006-0006", "three images promised", 3, 2, (4, 4, 4)),
+        _irdb_record("train", "train_2", "here", "000007-0007", "one image is gone", 2, 1, (5, 5, 5)),
+        _irdb_record("train", "train_2", "gone", "000007-0007", "one image is gone", 2, 2, (4, 4, 4)),
+        _irdb_record("train", "train_2", "fine", "000008-0008", "one image is corrupt", 2, 1, (5, 5, 5)),
+        _irdb_record("train", "train_2", "corrupt", "000008-0008", "one image is corrupt", 2, 2, (4, 4, 4)),
+        _irdb_record("train", "train_2", "e0", "000009-0009", "  ", 2, 1, (5, 5, 5)),
+        _irdb_record("train", "train_2", "e1", "000009-0009", "  ", 2, 2, (4, 4, 4)),
+    ]
+    for record in bad:
+        name = record["image_path"].rsplit("/", 1)[1]
+        if name != "gone.webp":
+            images[record["image_path"]] = b"RIFF\x00\x00junk" if name == "corrupt.webp" else _webp((9, 9, 9))
+        by_part[("train", "train_2")].append(record)
+    for (split, part), records in by_part.items():
+        folder = root / "images" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        if split == "validation":  # extracted form
+            (folder / part).mkdir()
+            (folder / part / f"{part}.json").write_text(json.dumps(records))
+            for r in records:
+                (folder / part / r["image_path"].rsplit("/", 1)[1]).write_bytes(images[r["image_path"]])
+            continue
+        prefix = f"{part}/" if part == "train_2" else ""
+        with zipfile.ZipFile(folder / f"{part}.zip", "w") as zf:
+            if split != "test":
+                zf.writestr(f"{prefix}{part}.json", json.dumps(records))
+            for r in records:
+                if r["image_path"] in images:
+                    zf.writestr(prefix + r["image_path"].rsplit("/", 1)[1], images[r["image_path"]])
+    for split in ("train", "validation", "test"):
+        rows = [r for (s, _), records in sorted(by_part.items()) if s == split for r in records]
+        pq.write_table(pa.Table.from_pylist(rows), root / f"metadata-{split}.parquet")
+    return root, images
+
+
+def _check_irdb_rows(out: Path, images: dict, ids) -> None:
+    """The written rows equal the replica: prompt, image bytes in source order, ranks, ratings, classification."""
+    rows = {r["id"]: r for r in iter_comparisons(out)}
+    assert sorted(rows) == sorted(ids)
+    for pid in ids:
+        split, part, prompt, items = IRDB_GOOD[pid]
+        row = rows[pid]
+        assert row["prompt"] == prompt and row["ranking"] == [rank for rank, _ in items]
+        assert row["images"] == [images[f"images/{split}/{part}/{pid}-{k}.webp"] for k in range(len(items))]
+        for c, name in enumerate(("overall_rating", "image_text_alignment_rating", "fidelity_rating")):
+            assert row[name] == [ratings[c] for _, ratings in items], (pid, name)
+        assert row["classification"] == ["People"] * len(items)
+
+
+def test_imagerewarddb_hub_layout_all_splits(irdb_root, tmp_path, capsys):
+    from rayapp.cli import main
+
+    root, images = irdb_root
+    out = tmp_path / "irdb"
+    args = ["data", "convert", str(root), "--format", "imagerewarddb", "--out", str(out)]
+    assert main(args + ["--split", "train"]) == 1  # bad groups fail the run, each named, nothing written
+    err = capsys.readouterr().err
+    for pid, words in IRDB_BAD.items():
+        assert pid in err and any(words in line for line in err.splitlines() if pid in line), (pid, err)
+    assert not (out / "train").exists() and not [p for p in out.iterdir()]  # no half-written split
+    assert main(args + ["--split", "all", "--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train", "validation"]
+    assert all(f"skipped {pid}:" in captured.err for pid in IRDB_BAD)
+    train = [p for p, v in IRDB_GOOD.items() if v[0] == "train"]
+    _check_irdb_rows(out / "train", images, train)
+    _check_irdb_rows(out / "validation", images, ["000010-0010"])  # read from the extracted folder
+    _check_irdb_rows(out / "test", images, ["000020-0020"])  # zip without JSON: records from metadata-test.parquet
+    # pairs: ties give none (ranks 1,1,3 -> 2 pairs; 2,1,2 -> 2 pairs)
+    stats = pair_stats(out / "train")
+    assert (stats["prompts"], stats["images"], stats["pairs"], stats["tied_pairs"]) == (5, 13, 9, 2)
+    assert stats["ratings"]["overall_rating"] == {1: 1, 2: 2, 3: 1, 4: 3, 5: 3, 6: 2, 7: 1}
+    assert main(["data", "stats", str(out / "train")]) == 0
+    printed = capsys.readouterr().out
+    assert "5 prompts, 13 images, 9 unequal-rank pairs (human 9), 2 tied pairs" in printed
+    assert "overall_rating: 1: 1 " in printed and "fidelity_rating:" in printed and "People 13" in printed
+
+
+def test_imagerewarddb_subset_and_auto(irdb_root, tmp_path, capsys):
+    from rayapp.cli import main
+
+    root, images = irdb_root
+    out = tmp_path / "sub"
+    assert main(["data", "convert", str(root), "--split", "train", "--subset", "1k", "--skip-bad",
+                 "--out", str(out)]) == 0
+    assert "as imagerewarddb (found metadata-test.parquet" in capsys.readouterr().err
+    # 1k = the first 4 train zips: train_5's prompt is left out
+    _check_irdb_rows(out / "train", images, [p for p, v in IRDB_GOOD.items() if v[1] in
+                                             ("train_1", "train_2", "train_3", "train_4")])
+    assert main(["data", "convert", str(root), "--split", "train", "--subset", "2k", "--skip-bad",
+                 "--out", str(tmp_path / "two")]) == 2
+    assert "train_6.zip" in capsys.readouterr().err  # names what is missing
+    assert main(["data", "convert", str(root), "--split", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+# ---------------------------------------------------------------- pair tables (Pick-a-Pic, plain, datasets-style)
+
+def _png(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 12), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_pickapic_table_ties_labels_and_bad_rows(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayapp.cli import main
+
+    a, b = _png((200, 0, 0)), _png((0, 0, 200))
+    rows = [  # ranking_id, caption, jpg_0, jpg_1, label_0, label_1, has_label
+        (11, "a red square", a, b, 1.0, 0.0, True),
+        (12, "a blue square", a, b, 0.0, 1.0, True),
+        (13, "a tie", a, b, 0.5, 0.5, True),
+        (14, "no label", a, b, 0.5, 0.5, False),
+        (15, "corrupt", a, b"\xff\xd8 not a jpeg", 1.0, 0.0, True),
+        (16, "", a, b, 1.0, 0.0, True),
+        (17, "nan label", a, b, float("nan"), 1.0, True),
+    ]
+    names = ["ranking_id", "caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label"]
+    table = pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)})
+    table = table.append_column("are_different", pa.array([True] * len(rows)))
+    source = tmp_path / "pickapic" / "train-00000.parquet"
+    source.parent.mkdir()
+    pq.write_table(table, source)
+    out = tmp_path / "out"
+    assert main(["data", "convert", str(source.parent), "--out", str(out), "--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    assert "as pickapic" in captured.err
+    assert {line.split(":")[0] for line in captured.err.splitlines() if line.startswith("skipped")} == \
+        {"skipped 14", "skipped 15", "skipped 16", "skipped 17"}
+    got = {r["id"]: r for r in iter_comparisons(out)}
+    assert {k: v["ranking"] for k, v in got.items()} == {"11": [1, 2], "12": [2, 1], "13": [1, 1]}
+    assert got["12"]["images"] == [a, b] and got["13"]["prompt"] == "a tie"
+    assert pair_stats(out)["pairs"] == 2  # the tie gives no pair
+
+
+def test_pairs_table_with_datasets_image_dicts_and_paths(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayapp.data.formats import convert_source
+    from rayapp.model.images import load_image
+
+    good, bad = _png((10, 200, 10)), _png((90, 90, 90))
+    (tmp_path / "t" / "img").mkdir(parents=True)
+    (tmp_path / "t" / "img" / "worse.png").write_bytes(bad)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets' Image() storage
+    table = pa.table({
+        "prompt": ["a green square", "a grey square", "missing file"],
+        "image_better": pa.array([{"bytes": good, "path": "g.png"}, {"bytes": bad, "path": None},
+                                  {"bytes": good, "path": None}], type=image),
+        "image_worse": pa.array([{"bytes": None, "path": "img/worse.png"}, {"bytes": good, "path": "x.png"},
+                                 {"bytes": None, "path": "img/nope.png"}], type=image),
+    })
+    pq.write_table(table, tmp_path / "t" / "pairs.parquet")
+    # load_image takes the dicts as they come out of a table
+    cell = table["image_better"].to_pylist()[0]
+    assert load_image(cell).size == (20, 12)
+    reports = convert_source(tmp_path / "t" / "pairs.parquet", tmp_path / "out", skip_bad=True, progress=False)
+    assert reports[0].format == "pairs" and "auto picked pairs" in reports[0].note
+    assert reports[0].bad == [("pairs.parquet:2", f"image_worse: missing image file {tmp_path / 't' / 'img/nope.png'}")]
+    got = list(iter_comparisons(tmp_path / "out"))
+    assert [(r["id"], r["ranking"]) for r in got] == [("pairs.parquet:0", [1, 2]), ("pairs.parquet:1", [1, 2])]
+    assert got[0]["images"] == [good, bad] and got[1]["images"] == [bad, good]
+
+
+def test_auto_format_says_what_it_needs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayapp.data.formats import convert_source
+
+    pq.write_table(pa.table({"text": ["x"], "picture": [b"y"]}), tmp_path / "odd.parquet")
+    with pytest.raises(ValueError, match="caption, jpg_0, jpg_1, label_0, label_1") as info:
+        convert_source(tmp_path / "odd.parquet", tmp_path / "o", progress=False)
+    assert "picture, text" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        convert_source(tmp_path / "nothing-here", tmp_path / "o", progress=False)

@@ -1,8 +1,15 @@
-"""ImageRewardDB-style JSON comparisons (format a): reading, validation, and conversion to Parquet shards (b).
+"""Converting comparison data to Parquet shards (format b): the shared core, ImageRewardDB-style JSON, dispatch.
 
-A JSON file is a list of `{id, prompt, generations: [image paths relative to an image root], ranking: [ints]}`
-(lower rank = better, ties allowed); `.jsonl` files hold one such object per line. Conversion never drops a
-record silently: bad ones fail the run with every id listed, or with `skip_bad` are skipped and reported.
+Sources (`convert_source(..., fmt=...)`, "auto" picks by what it finds and says which):
+- "json":          a JSON list (or `.jsonl`) of `{id, prompt, generations: [paths relative to an image root],
+                   ranking: [ints]}` (lower rank = better, ties allowed) -- the GitHub `test.json` shape;
+- "imagerewarddb": the hub release of ImageRewardDB (`rayapp.data.imagerewarddb`);
+- "pickapic":      Pick-a-Pic-style pairs: `caption, jpg_0, jpg_1, label_0, label_1` (`rayapp.data.pair_tables`);
+- "pairs":         a plain `prompt, image_better, image_worse` table (`rayapp.data.pair_tables`).
+
+Conversion never drops a record silently: bad ones fail the run with every id listed (and no output left
+behind), or with `skip_bad` are skipped and reported. Shards are written to a local staging directory and
+published at the end (renamed into place locally, uploaded for a URI).
 """
 from __future__ import annotations
 
@@ -10,11 +17,22 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rayapp.data import storage
 from rayapp.data.pairs import count_pairs
-from rayapp.data.shards import DEFAULT_ROWS_PER_SHARD, ShardWriter
+from rayapp.data.shards import (
+    COMPARISON_SCHEMA,
+    DEFAULT_ROWS_PER_SHARD,
+    ShardWriter,
+    check_out_dir,
+    publish_dir,
+)
+
+FORMATS = ("json", "imagerewarddb", "pickapic", "pairs")
+DEFAULT_BYTES_PER_SHARD = 256 * 2**20  # image bytes per Parquet file before it is closed
 
 
 class BadRecordsError(ValueError):
@@ -32,24 +50,102 @@ class ConvertReport:
     """What a conversion wrote and what it skipped."""
 
     out_dir: str
+    format: str = "json"
     rows: int = 0
     images: int = 0
     pairs: int = 0
     shards: list[str] = field(default_factory=list)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (record id, reason) of skipped records
+    note: str = ""  # e.g. how "auto" decided
 
 
+@dataclass
+class Candidate:
+    """One record on its way to a shard: its row, or why it is bad."""
+
+    label: str
+    row: dict | None = None
+    reason: str | None = None
+
+
+def check_image(data, label: str) -> str | None:
+    """Why these encoded bytes are not a usable image (fully decoded), or None."""
+    from rayapp.model.images import ImageInputError, load_image
+
+    if data is None or len(data) == 0:
+        return f"{label}: missing image (no bytes)"
+    try:
+        load_image(bytes(data))
+    except ImageInputError as err:
+        cause = type(err.__cause__).__name__ if err.__cause__ is not None else "ImageInputError"
+        return f"{label}: cannot decode image ({cause})"
+    return None
+
+
+def write_converted(candidates: Iterable[Candidate], out_dir: str | os.PathLike, *, fmt: str,
+                    schema=COMPARISON_SCHEMA, skip_bad: bool = False,
+                    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, bytes_per_shard: int = DEFAULT_BYTES_PER_SHARD,
+                    overwrite: bool = False, progress: bool = True, total: int | None = None,
+                    desc: str = "convert") -> ConvertReport:
+    """Stream candidates into shards at `out_dir` (local or URI); all-or-nothing unless `skip_bad`.
+
+    Rows need `id`, `prompt`, `images` (bytes), `ranking` and the schema's other columns; a repeated id is bad.
+    """
+    from tqdm import tqdm
+
+    out = os.fspath(out_dir)
+    check_out_dir(out, overwrite=overwrite)
+    if storage.is_uri(out):
+        staging = Path(tempfile.mkdtemp(prefix="rayapp-convert-"))
+    else:
+        # a sibling dir, so that publishing is a rename on the same filesystem
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.partial-", dir=Path(out).parent))
+    report = ConvertReport(out_dir=out, format=fmt)
+    seen: set[str] = set()
+    count = 0
+    try:
+        with ShardWriter(staging, schema=schema, rows_per_shard=rows_per_shard,
+                         bytes_per_shard=bytes_per_shard) as writer:
+            for candidate in tqdm(candidates, desc=desc, unit="prompt", total=total, disable=not progress):
+                count += 1
+                reason = candidate.reason
+                if reason is None and candidate.row["id"] in seen:
+                    reason = "duplicate id"
+                if reason is not None:
+                    report.bad.append((candidate.label, reason))
+                    continue
+                row = candidate.row
+                seen.add(row["id"])
+                writer.write(row)
+                report.rows += 1
+                report.images += len(row["images"])
+                report.pairs += count_pairs(row["ranking"])
+        if report.bad and not skip_bad:
+            raise BadRecordsError(report.bad, count)
+        if report.rows == 0:
+            raise ValueError(f"nothing to write to {out}: no usable records"
+                             + (f" ({len(report.bad)} bad)" if report.bad else ""))
+        publish_dir(staging, out)
+        report.shards = [storage.join(out, p.name) for p in writer.paths]
+        return report
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+# --------------------------------------------------------------------------------------------- JSON
 def load_json_records(path: str | os.PathLike) -> list:
-    """The records of a JSON list file or a JSON Lines file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no JSON file at {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
+    """The records of a JSON list file or a JSON Lines file (local path or URI)."""
+    text_path = os.fspath(path)
+    if storage.file_type(text_path) != "file":
+        raise FileNotFoundError(f"no JSON file at {text_path}")
+    text = storage.read_bytes(text_path).decode("utf-8")
+    if text_path.endswith(".jsonl"):
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     data = json.loads(text)
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")  # noqa: TRY004
+        raise ValueError(f"{text_path}: expected a JSON list of records, got {type(data).__name__}")  # noqa: TRY004
     return data
 
 
@@ -83,71 +179,110 @@ def check_fields(record) -> str | None:
 
 def read_images(record: dict, image_root: str | os.PathLike) -> tuple[list[bytes] | None, str | None]:
     """The record's encoded image bytes, each checked to decode; or (None, reason naming the image)."""
-    from rayapp.model.images import ImageInputError, load_image
-
     images = []
     for index, rel in enumerate(record["generations"]):
-        path = Path(image_root) / rel
-        if not path.is_file():
-            return None, f"generations[{index}]: missing image file {path}"
-        data = path.read_bytes()
+        path = storage.join(image_root, rel)
         try:
-            load_image(data, index)
-        except ImageInputError as err:
-            cause = type(err.__cause__).__name__ if err.__cause__ is not None else "ImageInputError"
-            return None, f"generations[{index}]: cannot decode image file {path} ({cause})"
+            data = storage.read_bytes(path)
+        except (FileNotFoundError, IsADirectoryError):
+            return None, f"generations[{index}]: missing image file {path}"
+        reason = check_image(data, f"generations[{index}]")
+        if reason is not None:
+            return None, f"{reason.replace('cannot decode image', f'cannot decode image file {path}')}"
         images.append(data)
     return images, None
+
+
+def json_candidates(records: list, image_root: str | os.PathLike) -> Iterable[Candidate]:
+    """One candidate per JSON record, images read from `image_root` and checked."""
+    for position, record in enumerate(records):
+        label = record_label(record, position)
+        reason = check_fields(record)
+        if reason is not None:
+            yield Candidate(label, reason=reason)
+            continue
+        images, reason = read_images(record, image_root)
+        if reason is not None:
+            yield Candidate(label, reason=reason)
+            continue
+        yield Candidate(label, row={"id": str(record["id"]), "prompt": record["prompt"], "images": images,
+                                    "ranking": list(record["ranking"])})
 
 
 def convert(json_path: str | os.PathLike, image_root: str | os.PathLike, out_dir: str | os.PathLike, *,
             skip_bad: bool = False, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, overwrite: bool = False,
             progress: bool = True) -> ConvertReport:
-    """Convert ImageRewardDB-style JSON to Parquet shards in `out_dir`, images inline.
+    """Convert ImageRewardDB-style JSON to Parquet shards in `out_dir`, images inline (paths or URIs).
 
     Without `skip_bad`, any bad record (missing/undecodable image, ranking length != generations, empty prompt,
     duplicate id, ...) raises `BadRecordsError` listing all of them and leaves no output behind.
     """
-    from tqdm import tqdm
-
-    image_root = Path(image_root)
-    if not image_root.is_dir():
-        raise FileNotFoundError(f"image root {image_root} is not a directory")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {out} is not empty; pass overwrite / --overwrite to replace it")
+    if storage.file_type(image_root) != "dir":
+        raise FileNotFoundError(f"image root {os.fspath(image_root)} is not a directory")
     records = load_json_records(json_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Shards go to a sibling temp dir first, so a failed run never leaves a half-written dataset at `out`.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    report = ConvertReport(out_dir=str(out))
-    seen: set[str] = set()
-    try:
-        with ShardWriter(staging, rows_per_shard=rows_per_shard) as writer:
-            for position, record in enumerate(tqdm(records, desc="convert", unit="prompt", disable=not progress)):
-                label = record_label(record, position)
-                reason = check_fields(record)
-                if reason is None and str(record["id"]) in seen:
-                    reason = "duplicate id"
-                images = None
-                if reason is None:
-                    images, reason = read_images(record, image_root)
-                if reason is not None:
-                    report.bad.append((label, reason))
-                    continue
-                seen.add(str(record["id"]))
-                writer.write({"id": str(record["id"]), "prompt": record["prompt"], "images": images,
-                              "ranking": list(record["ranking"])})
-                report.rows += 1
-                report.images += len(images)
-                report.pairs += count_pairs(record["ranking"])
-        if report.bad and not skip_bad:
-            raise BadRecordsError(report.bad, len(records))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-        report.shards = [str(out / p.name) for p in writer.paths]
-        return report
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    return write_converted(json_candidates(records, image_root), out_dir, fmt="json", skip_bad=skip_bad,
+                           rows_per_shard=rows_per_shard, overwrite=overwrite, progress=progress,
+                           total=len(records))
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+def detect_format(source: str | os.PathLike) -> tuple[str, str]:
+    """(format, why) for a source path or URI, from its name, layout or columns."""
+    from rayapp.data import imagerewarddb, pair_tables
+
+    text = os.fspath(source)
+    kind = storage.file_type(text)
+    if kind == "missing":
+        raise FileNotFoundError(f"no file or directory at {text}")
+    if kind == "file" and text.endswith((".json", ".jsonl")):
+        return "json", "a .json/.jsonl file"
+    if kind == "dir":
+        found = imagerewarddb.looks_like_hub_layout(text)
+        if found:
+            return "imagerewarddb", found
+    columns = pair_tables.table_columns(text)
+    picked = pair_tables.format_for_columns(columns)
+    if picked is None:
+        names = ", ".join(sorted(columns)) or "none"
+        if {"id", "prompt", "images", "ranking"} <= set(columns):
+            raise ValueError(f"{text} already holds comparison shards (id, prompt, images, ranking): use it as is")
+        raise ValueError(
+            f"cannot tell the format of {text} (columns: {names}); expected a .json file, an ImageRewardDB folder "
+            f"(metadata-*.parquet, images/<split>/), Pick-a-Pic columns {', '.join(pair_tables.PICKAPIC_COLUMNS)} "
+            f"or pairs columns {', '.join(pair_tables.PAIRS_COLUMNS)}; or pass --format")
+    return picked, f"columns {', '.join(pair_tables.columns_needed(picked))}"
+
+
+def convert_source(source: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str = "auto",
+                   image_root: str | os.PathLike | None = None, splits: Iterable[str] | None = None,
+                   subset: str | None = None, skip_bad: bool = False, rows_per_shard: int | None = None,
+                   overwrite: bool = False, progress: bool = True,
+                   on_detect: Callable[[str, str], None] | None = None) -> list[ConvertReport]:
+    """Convert any supported source; one report per written directory (one per split for ImageRewardDB)."""
+    from rayapp.data import imagerewarddb, pair_tables
+
+    note = ""
+    if fmt == "auto":
+        fmt, why = detect_format(source)
+        note = f"--format auto picked {fmt} ({why})"
+        if on_detect is not None:
+            on_detect(fmt, why)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
+    if fmt != "imagerewarddb" and (splits or subset):
+        raise ValueError("--split and --subset apply to --format imagerewarddb only")
+    options = {"skip_bad": skip_bad, "overwrite": overwrite, "progress": progress}
+    if rows_per_shard is not None:
+        options["rows_per_shard"] = rows_per_shard
+    if fmt == "json":
+        if image_root is None:
+            raise ValueError("--image-root is required for JSON input (the directory the generation paths are "
+                             "relative to)")
+        reports = [convert(source, image_root, out_dir, **options)]
+    elif fmt == "imagerewarddb":
+        reports = imagerewarddb.convert_hub(source, out_dir, splits=splits, subset=subset, **options)
+    else:
+        reports = [pair_tables.convert_pair_table(source, out_dir, fmt=fmt, image_root=image_root, **options)]
+    for report in reports:
+        report.note = "; ".join(n for n in (note, report.note) if n)
+    return reports

@@ -61,20 +61,30 @@ def iter_pairs(path: str | os.PathLike) -> Iterator[dict]:
 
 
 def pair_stats(path: str | os.PathLike) -> dict:
-    """Prompts, images, unequal-rank pairs and pairs per kind of a Parquet shard dir (reads no image bytes)."""
-    import pyarrow.parquet as pq
+    """Prompts, images, unequal-rank pairs, pairs per kind, tied pairs, and (when the shards have them) a
+    histogram per rating column and images per classification, of a Parquet shard dir (path or URI).
 
-    from rayapp.data.shards import parquet_files
+    Reads no image bytes. Histograms map a rating value (None = missing) to its image count.
+    """
+    from rayapp.data.shards import RATING_COLUMNS, iter_comparisons
 
-    stats = {"prompts": 0, "images": 0, "pairs": 0, "kinds": {}}
-    for file in parquet_files(path):
-        parquet = pq.ParquetFile(file)
-        columns = [c for c in ("id", "prompt", "ranking", "faithfulness", "quality") if c in parquet.schema_arrow.names]
-        for batch in parquet.iter_batches(columns=columns):
-            for record in batch.to_pylist():
-                stats["prompts"] += 1
-                stats["images"] += len(record["ranking"])
-                for pair in expand_pairs(record):
-                    stats["pairs"] += 1
-                    stats["kinds"][pair["pair_kind"]] = stats["kinds"].get(pair["pair_kind"], 0) + 1
+    stats = {"prompts": 0, "images": 0, "pairs": 0, "tied_pairs": 0, "kinds": {}, "ratings": {},
+             "classification": {}}
+    columns = ["id", "prompt", "ranking", "faithfulness", "quality", *RATING_COLUMNS, "classification"]
+    for record in iter_comparisons(path, batch_size=1024, columns=columns):
+        ranking = record["ranking"]
+        stats["prompts"] += 1
+        stats["images"] += len(ranking)
+        pairs = expand_pairs(record)
+        stats["pairs"] += len(pairs)
+        stats["tied_pairs"] += len(ranking) * (len(ranking) - 1) // 2 - len(pairs)
+        for pair in pairs:
+            stats["kinds"][pair["pair_kind"]] = stats["kinds"].get(pair["pair_kind"], 0) + 1
+        for name in RATING_COLUMNS:
+            if record.get(name) is not None:
+                histogram = stats["ratings"].setdefault(name, {})
+                for value in record[name]:
+                    histogram[value] = histogram.get(value, 0) + 1
+        for label in record.get("classification") or ():
+            stats["classification"][label] = stats["classification"].get(label, 0) + 1
     return stats
