@@ -93,13 +93,13 @@ def generate_and_filter(*, pipeline: str, prompts: list[str], out_dir: str | Pat
 
     from rayapp.diffusion import load_pipeline
     from rayapp.eval.scorers import load_scorer
+    from rayapp.model.scoring import default_device
 
     if not prompts:
         raise ValueError("no prompts given")
     if num_images < 1:
         raise ValueError("--num-images must be >= 1")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or default_device()
     pipe = load_pipeline(pipeline, dtype=dtype, device=device)
     reward = load_scorer(scorer, device=device, dtype=dtype, tokenizer=tokenizer)
     sampler = type(pipe.scheduler).__name__
