@@ -1,82 +1,88 @@
 """ReFL: fine-tune a Stable Diffusion UNet against the ImageReward model on Ray Train + DeepSpeed.
 
-On a GPU cluster (the dashboard address; the prompt file travels with --working-dir):
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/refl.py --pretrained CompVis/stable-diffusion-v1-4 --reward ImageReward-v1.0 \
-        --prompts prompts.json --pretrain-data /shared/laion_subset --use-gpu true --num-workers 8 \
-        --output-dir /shared/refl --storage-path /shared/refl/ray
-Locally, offline (starts a local Ray; the tiny SD pipeline, the tiny RM trained by jobs/train_rm.py if
-runs/rm/model exists, else a random-but-fixed tiny RM; the synthetic set's images for the pre-training loss):
+Locally, offline (starts a Ray sized like this machine; preset `offline`: the tiny SD pipeline, the tiny RM
+trained by jobs/train_rm.py if runs/rm/model exists, else a random-but-fixed tiny RM; the synthetic set's
+images for the pre-training loss):
     python jobs/refl.py
     python jobs/refl.py --reward runs/rm/model --max-steps 40 --lora-rank 4
+On a cluster (see README "Ray clusters"; the prompt file travels with --working-dir), the paper's recipe:
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/refl.py --preset sd15 --prompts prompts.json --pretrain-data s3://bucket/laion_subset \
+        --num-workers 8 --output-dir /shared/refl --storage-path /shared/refl/ray
 Prints the mean held-out reward before and after, and the paths of the last grid PNG and the reward curve.
-Every ReFLConfig field is a flag (`--help`); `--resume-from CHECKPOINT_DIR` continues a run's step count.
+Every ReFLConfig field is a flag (`--help`); `--resume-from CHECKPOINT` continues a run's update count;
+`--config runs/refl/config.json` repeats a run.
 """
 from __future__ import annotations
 
-import argparse
+import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-# Offline-default overrides: small enough for 2 CPUs in a few minutes, strong enough to move a tiny RM.
-OFFLINE_DEFAULTS = dict(
-    num_inference_steps=8, grad_step_min=3, grad_step_max=7, max_steps=24, eval_every=8,
-    learning_rate=3e-3, grad_scale=1.0, pretrain_weight=1e-3, train_batch_size=2, output_dir="runs/refl",
-)
-DEFAULT_RM_DIR = Path("runs/rm/model")  # where jobs/train_rm.py puts its model
-DEFAULT_SYNTH_DIR = Path("runs/rm/data/train")  # ... and its synthetic training split
+logger = logging.getLogger("rayapp.jobs.refl")
+
+TRAINED_TINY_RM = Path("runs/rm/model")  # where jobs/train_rm.py puts its model
+TRAINED_TINY_RM_DATA = Path("runs/rm/data/train")  # ... and its synthetic training split
 
 
-def main(argv: list[str] | None = None) -> int:
-    from rayapp.train.refl_config import ReFLConfig, add_config_arguments, config_from_args
-
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    offline = "--pretrained" not in " ".join(argv) or "tiny" in argv
-    defaults = ReFLConfig(**OFFLINE_DEFAULTS) if offline else ReFLConfig()
-    add_config_arguments(parser, defaults)
-    args = parser.parse_args(argv)
-    cfg = config_from_args(args)
-    # Under `ray job submit` the working directory is a temporary copy: anchor relative paths here.
-    cfg.output_dir = str(Path(cfg.output_dir).resolve())
+def absolute_paths(cfg):
+    """Local paths made absolute (under `ray job submit` the working directory is a temporary copy)."""
+    changes = {"output_dir": str(Path(cfg.output_dir).resolve())}
     for name in ("prompts", "pretrain_data", "reward", "resume_from"):
         value = getattr(cfg, name)
-        if value and Path(value).exists():
-            setattr(cfg, name, str(Path(value).resolve()))
+        if value and "://" not in value and Path(value).exists():
+            changes[name] = str(Path(value).resolve())
+    return replace(cfg, **changes)
 
-    if cfg.reward is None and cfg.pretrained == "tiny" and DEFAULT_RM_DIR.is_dir():
-        cfg.reward = str(DEFAULT_RM_DIR.resolve())
+
+def offline_inputs(cfg):
+    """The offline preset's inputs: the trained tiny RM and its synthetic images when they exist, else a
+    random tiny RM and a small synthetic set made here."""
+    if cfg.pretrained != "tiny":
+        if cfg.preset == "offline":
+            logger.warning("[refl] --pretrained %s with the offline preset's CPU recipe (%d sampling steps, lr %g); "
+                           "--preset sd15 gives the paper's", cfg.pretrained, cfg.num_inference_steps,
+                           cfg.learning_rate)
+        return cfg
+    if cfg.reward is None and TRAINED_TINY_RM.is_dir():
+        cfg = replace(cfg, reward=str(TRAINED_TINY_RM.resolve()))
     if cfg.reward is None:
-        print("[refl] no --reward given and no trained tiny RM at runs/rm/model: using a random-but-fixed tiny "
-              f"RM (seed {cfg.reward_seed}); ReFL climbs it, but its preferences mean nothing", flush=True)
+        logger.info("[refl] no --reward and no trained tiny RM at %s: a random-but-fixed tiny RM (seed %d); "
+                    "ReFL climbs it, but its preferences mean nothing", TRAINED_TINY_RM, cfg.reward_seed)
     if cfg.pretrain_enabled and not cfg.pretrain_data:
-        if cfg.pretrained != "tiny":
-            parser.error("--pretrain-data is required with the pre-training loss on (or --pretrain-weight 0)")
-        if DEFAULT_SYNTH_DIR.is_dir():
-            cfg.pretrain_data = str(DEFAULT_SYNTH_DIR.resolve())
+        if TRAINED_TINY_RM_DATA.is_dir():
+            cfg = replace(cfg, pretrain_data=str(TRAINED_TINY_RM_DATA.resolve()))
         else:
             from rayapp.data.synth import write_synthetic_set
 
             synth = Path(cfg.output_dir) / "synth"
             if not (synth / "train").is_dir():
                 write_synthetic_set(synth, prompts=200, per_prompt=2, progress=False, overwrite=True)
-            cfg.pretrain_data = str(synth / "train")
-        print(f"[refl] pre-training loss on {cfg.pretrain_data}", flush=True)
+            cfg = replace(cfg, pretrain_data=str(synth / "train"))
+        logger.info("[refl] pre-training loss on %s", cfg.pretrain_data)
+    return cfg
 
-    from rayapp.train.common import local_ray_init
-    from rayapp.train.refl import run_refl
 
-    local_ray_init()
-    result = run_refl(cfg)
-    print(f"mean held-out reward before: {result.reward_before:+.4f}")
-    print(f"mean held-out reward after:  {result.reward_after:+.4f}  ({result.steps} updates)")
-    print(f"grid PNG: {result.grid_png}")
-    print(f"reward curve PNG: {result.curve_png}")
-    print(f"final model ({'LoRA weights' if cfg.lora_rank else 'diffusers pipeline'}): {result.final_dir}")
-    print(f"checkpoint (for --resume-from): {result.checkpoint}")
+def main(argv: list[str] | None = None) -> int:
+    from rayapp.configs import parse_config
+    from rayapp.logs import setup_logging
+    from rayapp.refl import ReFLConfig, run_refl
+    from rayapp.refl.config import DEFAULT_PRESET, PRESETS
+
+    cfg, args = parse_config(ReFLConfig, argv, presets=PRESETS, default_preset=DEFAULT_PRESET,
+                             description=__doc__.splitlines()[0])
+    setup_logging(args.verbose)
+    result = run_refl(offline_inputs(absolute_paths(cfg)), verbose=args.verbose)
+    logger.info("mean held-out reward before: %+.4f", result.reward_before)
+    logger.info("mean held-out reward after:  %+.4f  (%d updates)", result.reward_after, result.steps)
+    logger.info("grid PNG: %s", result.grid_png)
+    logger.info("reward curve PNG: %s", result.curve_png)
+    logger.info("final model (%s): %s", "LoRA weights" if cfg.lora_rank else "diffusers pipeline", result.final_dir)
+    logger.info("checkpoint (for --resume-from): %s", result.checkpoint)
     return 0
 
 

@@ -1,76 +1,66 @@
 """Train the ImageReward reward model with Ray Train + DeepSpeed, then score the held-out split.
 
-On a running cluster (the dashboard address; .gitignore'd paths such as .venv/ and runs/ are not uploaded):
+Locally (starts a Ray sized like this machine; offline preset: synthetic set, tiny model, 2 CPU workers):
+    python jobs/train_rm.py --output-dir runs/rm
+On a running cluster (see README "Ray clusters"; .gitignore'd paths such as .venv/ and runs/ are not uploaded):
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/train_rm.py --output-dir /tmp/rayapp-rm
-Locally (starts a Ray instance in this process):
-    python jobs/train_rm.py --output-dir runs/rm
-Defaults are offline: a synthetic comparison set, the tiny preset, 2 CPU workers. The full model on GPUs:
-    python jobs/train_rm.py --preset imagereward-v1 --init ImageReward-v1.0 --data-dir DIR --use-gpu
-Every RMTrainConfig field is a flag (`--help`).
+The reference recipe on GPUs:
+    python jobs/train_rm.py --preset imagereward-v1 --init ImageReward-v1.0 --data-dir DIR
+Every RMTrainConfig field is a flag (`--help`); `--config runs/rm/config.json` repeats a run.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+logger = logging.getLogger("rayapp.jobs.train_rm")
+
 
 def main(argv: list[str] | None = None) -> int:
-    from rayapp.train.config import add_cli_arguments, config_from_args
+    from rayapp.configs import parse_config
+    from rayapp.logs import setup_logging
+    from rayapp.rm import RMTrainConfig, train_reward_model
+    from rayapp.rm.config import DEFAULT_PRESET, PRESETS
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_cli_arguments(parser)
-    parser.add_argument("--no-eval", action="store_true", help="skip scoring the test split at the end")
-    parser.add_argument("--data-progress-bars", action="store_true",
-                        help="show Ray Data's progress bars (off: the loop prints one progress line per report)")
-    args = parser.parse_args(argv)
-    config = config_from_args(args)
-    # Under `ray job submit` the working directory is a temporary copy: anchor relative outputs here.
-    config.output_dir = str(Path(config.output_dir).resolve())
+    def job_flags(parser):
+        parser.add_argument("--no-eval", action="store_true", help="skip scoring the test split at the end")
 
-    from rayapp.train.common import local_ray_init, quiet_data_progress_bars
-    from rayapp.train.rm_trainer import (
-        build_trainer,
-        collect_result,
-        describe_plan,
-        prepare,
-    )
-
-    local_ray_init()
-    if not args.data_progress_bars:
-        quiet_data_progress_bars()
-    config, data_dir, tokenizer, plan = prepare(config)
-    print(describe_plan(config, plan), flush=True)
-    result = collect_result(config, plan, _fit(build_trainer(config, data_dir, tokenizer, plan)))
-    print(f"best val loss {result.metrics.get('best_val_loss')} at update {result.metrics.get('best_step')}; "
-          f"reward normalisation mean {result.metrics.get('reward_mean'):.4f} std {result.metrics.get('reward_std'):.4f}")
-    print(f"model saved to {result.model_dir} (rayapp format) and {result.official_dir} (official ImageReward.pt)")
-
-    test_dir = data_dir / "test"
-    if not args.no_eval and test_dir.is_dir() and tokenizer:
-        import rayapp
-        from rayapp.train.rm_eval import pairwise_accuracy
-        from rayapp.train.rm_trainer import count_split_pairs
-
-        # Small splits are quicker to decode here than to start Ray Data actors for.
-        big = count_split_pairs(test_dir) > 5000
-        scores = pairwise_accuracy(rayapp.load(result.model_dir), test_dir, tokenizer_dir=tokenizer, use_ray=big)
-        kinds = ", ".join(f"{k[9:]} {v:.3f}" for k, v in scores.items() if k.startswith("accuracy_"))
-        print(f"held-out pairwise accuracy {scores['accuracy']:.3f} on {scores['pairs']} pairs ({kinds})")
-        Path(result.model_dir, "..", "test_accuracy.json").resolve().write_text(json.dumps(scores, indent=2) + "\n")
+    config, args = parse_config(RMTrainConfig, argv, presets=PRESETS, default_preset=DEFAULT_PRESET,
+                                description=__doc__.splitlines()[0], extra=job_flags)
+    setup_logging(args.verbose)
+    result = train_reward_model(config, verbose=args.verbose)
+    metrics = result.metrics
+    logger.info("best val loss %s at update %s; reward normalisation mean %.4f std %.4f",
+                metrics.get("best_val_loss"), metrics.get("best_step"), metrics["reward_mean"], metrics["reward_std"])
+    logger.info("model saved to %s (rayapp format) and %s (official ImageReward.pt)",
+                result.model_dir, result.official_dir)
+    if not args.no_eval:
+        report_held_out_accuracy(result)
     return 0
 
 
-def _fit(trainer):
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    return result
+def report_held_out_accuracy(result) -> None:
+    """Pairwise accuracy of the exported model on the data set's test split, if it has one."""
+    import rayapp
+    from rayapp.rm.evaluation import pairwise_accuracy
+    from rayapp.rm.trainer import count_split_pairs
+
+    test_dir = f"{result.plan['data_dir'].rstrip('/')}/test"
+    if "://" not in test_dir and not Path(test_dir).is_dir():
+        return
+    tokenizer = result.plan["tokenizer"]
+    # Small splits are quicker to decode here than to start Ray Data actors for.
+    use_ray = bool(tokenizer) and count_split_pairs(test_dir) > 5000
+    scores = pairwise_accuracy(rayapp.load(result.model_dir), test_dir, tokenizer_dir=tokenizer, use_ray=use_ray)
+    kinds = ", ".join(f"{k[9:]} {v:.3f}" for k, v in scores.items() if k.startswith("accuracy_"))
+    logger.info("held-out pairwise accuracy %.3f on %d pairs (%s)", scores["accuracy"], scores["pairs"], kinds)
+    (Path(result.model_dir).parent / "test_accuracy.json").write_text(json.dumps(scores, indent=2) + "\n")
 
 
 if __name__ == "__main__":

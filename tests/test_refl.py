@@ -1,6 +1,6 @@
 """ReFL (issue 5): tiny SD pipeline + tiny RM, 2 CPU workers on the session's Ray head.
 
-The reward model here is `create_model("tiny", seed=0)` with random weights: a random-but-fixed reward
+The reward model here is the offline preset's random tiny RM (seed 0): a random-but-fixed reward
 function of (image, prompt). Its preferences mean nothing; the tests prove that the optimiser climbs it
 through the sampler, the VAE decoder and the differentiable preprocessing, on held-out prompts and seeds.
 """
@@ -17,9 +17,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Small but real: 8 sampling steps, gradient step drawn from [3, 7], 2 prompts per worker per update.
-FAST = dict(num_inference_steps=8, grad_step_min=3, grad_step_max=7, train_batch_size=2, num_workers=2,
-            cpus_per_worker=1.0, eval_seeds=(0, 1))
+# Small but real (the offline preset): 8 sampling steps, gradient step drawn from [3, 7], 2 prompts per worker
+# per update, 2 workers.
+FAST = dict(eval_seeds=(0, 1), max_failures=0)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_preprocessing_gap_measured():
     """Tensor (gradient) vs PIL (scoring) preprocessing: measured, small, and not zero where resizing."""
     import rayapp
     from rayapp.model.tokenizer import build_wordpiece_tokenizer
-    from rayapp.train.refl_preprocess import preprocessing_gap, smooth_test_images
+    from rayapp.refl.preprocess import preprocessing_gap, smooth_test_images
 
     model = rayapp.create_model("tiny", tokenizer=build_wordpiece_tokenizer("one red circle".split()), seed=0).eval()
     same_size = preprocessing_gap(smooth_test_images(4, 64, 64), 64, model, "one red circle")
@@ -67,12 +67,12 @@ def test_preprocessing_gap_measured():
     assert non_square["mean_abs_reward_diff"] < 1e-2
 
 
-def _run(tmp_path, name, **overrides):
-    from rayapp.train.refl import run_refl
-    from rayapp.train.refl_config import ReFLConfig
+def _run(tmp_path, name, callbacks=(), **overrides):
+    from rayapp.refl import ReFLConfig, run_refl
 
-    cfg = ReFLConfig(**{**FAST, "output_dir": str(tmp_path / name), "run_name": name, **overrides})
-    return run_refl(cfg)
+    cfg = ReFLConfig.from_preset("offline", **{**FAST, "output_dir": str(tmp_path / name), "run_name": name,
+                                               **overrides})
+    return run_refl(cfg, callbacks=callbacks)
 
 
 def test_refl_raises_reward_with_pretraining_loss(ray_cluster, tmp_path, pretrain_dir):
@@ -80,7 +80,7 @@ def test_refl_raises_reward_with_pretraining_loss(ray_cluster, tmp_path, pretrai
 
     result = _run(tmp_path, "full", max_steps=12, eval_every=0, learning_rate=3e-3, grad_scale=1.0,
                   pretrain_data=str(pretrain_dir), pretrain_weight=1e-3, pretrain_every=1)
-    before, after = result.history[0], result.history[-1]
+    before, after = result.eval_history[0], result.eval_history[-1]
     assert before["step"] == 0 and after["step"] == 12 and result.steps == 12
     # "clear margin": at least 3 standard deviations of the untuned pipeline's per-image rewards
     initial = torch.tensor(before["eval_rewards"])
@@ -89,12 +89,10 @@ def test_refl_raises_reward_with_pretraining_loss(ray_cluster, tmp_path, pretrai
     assert result.metrics.get("train_loss_pretrain", 0) > 0  # the pre-training loss was really on
     assert Path(result.grid_png).is_file() and Path(result.curve_png).is_file()
     # the exported pipeline is the tuned one: same fixed seeds through diffusers' own sampler score higher
-    import rayapp
-    from rayapp.train.refl import RM_TINY_WORDS
-    from rayapp.model.tokenizer import build_wordpiece_tokenizer
     from rayapp.diffusion import tiny_sd_pipeline
+    from rayapp.refl.models import random_tiny_reward_model
 
-    rm = rayapp.create_model("tiny", tokenizer=build_wordpiece_tokenizer(RM_TINY_WORDS), seed=0).eval()
+    rm = random_tiny_reward_model(seed=0).eval()
     tuned = StableDiffusionPipeline.from_pretrained(result.final_dir)
     base = tiny_sd_pipeline(seed=0)
     prompt = "one large red circle on a white background"
@@ -117,7 +115,7 @@ def test_refl_lora_saves_reloads_and_resumes(ray_cluster, tmp_path):
     common = dict(pretrained=str(base_dir), lora_rank=4, learning_rate=1e-2, grad_scale=1.0, pretrain_weight=0.0,
                   eval_every=2, eval_prompts=("one red circle",), eval_seeds=(0,))
     first = _run(tmp_path, "lora", max_steps=2, **common)
-    assert first.steps == 2 and [h["step"] for h in first.history] == [0, 2]
+    assert first.steps == 2 and [h["step"] for h in first.eval_history] == [0, 2]
     weights = Path(first.final_dir) / "pytorch_lora_weights.safetensors"
     assert weights.is_file()
     ckpt_files = {p.name for p in Path(first.checkpoint).rglob("*") if p.is_file()}
@@ -125,7 +123,8 @@ def test_refl_lora_saves_reloads_and_resumes(ray_cluster, tmp_path):
 
     second = _run(tmp_path, "lora_resumed", max_steps=4, resume_from=first.checkpoint, **common)
     assert second.steps == 4
-    assert [h["step"] for h in second.history] == [0, 2, 4]  # continued, not restarted
+    assert [h["step"] for h in second.eval_history] == [0, 2, 4]  # continued, not restarted
+    assert second.completed_updates == [0, 1, 2, 3]
 
     pipe = StableDiffusionPipeline.from_pretrained(base_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -155,6 +154,8 @@ def test_refl_job_via_ray_job_submit(ray_cluster, tmp_path):
     assert before and after and grid, output[-4000:]
     assert Path(grid.group(1)).is_file()
     assert (out / "final" / "model_index.json").is_file()
+    assert output.count("[refl] step 2/2") == 1  # one progress line per update, not one per log forwarder
+    assert re.search(r"\[workers\] node IPs: \S+, \S+", output), output[-4000:]
     assert json.loads((out / "history.json").read_text())[-1]["step"] == 2
 
 
@@ -163,7 +164,7 @@ def test_prompt_files_read_with_ray_data(ray_cluster, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rayapp.train.refl_data import prompt_dataset
+    from rayapp.refl.data import prompt_dataset
 
     prompts = ["one red circle", "two blue squares on a black background", "three small triangles"]
     (tmp_path / "p.json").write_text(json.dumps([{"text": p, "seed": i} for i, p in enumerate(prompts)]))
@@ -176,3 +177,21 @@ def test_prompt_files_read_with_ray_data(ray_cluster, tmp_path):
     with pytest.raises(ValueError, match="no 'text' field"):
         (tmp_path / "bad.json").write_text(json.dumps([{"caption_x": "a"}]))
         prompt_dataset(str(tmp_path / "bad.json"))
+
+
+def test_killed_worker_resumes_exactly_and_skips_a_half_written_checkpoint(ray_cluster, tmp_path):
+    """Rank 1 hard-exits before update 3; a forged newer checkpoint missing a rank's marker lies in storage.
+    The run restarts from the complete update-2 checkpoint: no update lost or repeated in the model's history."""
+    from faults import ForgeHalfWrittenCheckpoint, KillWorkerOnce, StepLog
+
+    steps = StepLog(tmp_path / "steps.log")
+    callbacks = [ForgeHalfWrittenCheckpoint(step=2, claimed_step=5), KillWorkerOnce(3, tmp_path / "killed"), steps]
+    result = _run(tmp_path, "fault", callbacks=callbacks, max_steps=6, eval_every=0, checkpoint_every=2,
+                  pretrain_weight=0.0, max_failures=1, eval_prompts=("one red circle",), eval_seeds=(0,))
+    assert result.steps == 6
+    assert result.completed_updates == list(range(6))
+    assert result.metrics["restarts"] == 1
+    first, second = steps.attempts()
+    assert first == [0, 1, 2]  # killed before update 3, after the checkpoint taken at 2
+    assert second == [2, 3, 4, 5]  # resumed from the update-2 checkpoint, not the forged "update 5" one
+    assert (Path(result.checkpoint).parent / "checkpoint_9999-forged").is_dir()

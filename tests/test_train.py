@@ -29,26 +29,30 @@ def synth_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, synth_dir, tmp_path_factory):
-    """A tiny model trained with 2 workers; rank 1 is killed once mid-run and the run resumes."""
-    from rayapp.train.config import RMTrainConfig
-    from rayapp.train.rm_trainer import prepare, train_reward_model
+    """A tiny model trained with 2 workers (offline preset); rank 1 is killed once mid-run and the run resumes."""
+    from faults import KillWorkerOnce, StepLog
+
+    from rayapp.rm import RMTrainConfig, train_reward_model
+    from rayapp.rm.trainer import prepare
 
     out = tmp_path_factory.mktemp("train_run")
-    config = RMTrainConfig(data_dir=str(synth_dir), output_dir=str(out), num_workers=2, cpus_per_worker=1.0,
-                           step_log=str(out / "steps.log"), max_failures=2)
-    config.fail_at_step = prepare(config)[3]["steps_per_epoch"] + FAIL_AFTER_EPOCH_1
+    config = RMTrainConfig.from_preset("offline", data_dir=str(synth_dir), output_dir=str(out), num_workers=2,
+                                       max_failures=2)
+    fail_at = prepare(config)[3]["steps_per_epoch"] + FAIL_AFTER_EPOCH_1
+    step_log = StepLog(out / "steps.log")
     started = time.time()
-    result = train_reward_model(config, log=lambda line: None)
+    result = train_reward_model(config, callbacks=[KillWorkerOnce(fail_at, out / "killed.marker"), step_log])
     result.wall_s = time.time() - started
     print(f"shared training run: {result.wall_s:.0f} s, plan {result.plan}")
-    result.fail_at_step = config.fail_at_step
+    result.fail_at_step = fail_at
+    result.step_log = step_log
     return result, out
 
 
 def test_learns_held_out_pairs_and_reads_the_caption(trained, synth_dir):
     """Held-out pairwise accuracy >= 0.90 overall (chance: 0.5) and >= 0.85 where only the caption decides."""
     import rayapp
-    from rayapp.train.rm_eval import pairwise_accuracy
+    from rayapp.rm.evaluation import pairwise_accuracy
 
     result, _ = trained
     scores = pairwise_accuracy(rayapp.load(result.model_dir, device="cpu"), synth_dir / "test")
@@ -65,17 +69,13 @@ def test_killed_worker_resumes_without_losing_or_repeating_updates(trained):
     assert total > fail_at > per_epoch
     state = json.loads((Path(result.checkpoint_path) / "trainer_state.json").read_text())
     # The model's update history: every planned update exactly once, in order.
-    assert state["history"] == list(range(total))
+    assert state["completed_updates"] == list(range(total))
     assert state["step"] == total and state["restarts"] == 1
     assert result.metrics["step"] == total
     # What actually ran: attempt 1 (one PID) until the kill, attempt 2 (another PID) from the epoch checkpoint.
-    runs: dict[str, list[int]] = {}
-    for line in (out / "steps.log").read_text().split("\n"):
-        if line:
-            pid, step = line.split()
-            runs.setdefault(pid, []).append(int(step))
+    runs = result.step_log.attempts()
     assert len(runs) == 2, runs
-    first, second = runs.values()
+    first, second = runs
     assert first == list(range(fail_at))
     # Updates after the checkpoint died with the worker group and were redone once; none before it.
     assert second == list(range(per_epoch, total))
@@ -118,8 +118,9 @@ def test_job_submit_trains_and_writes_a_loadable_model(ray_cluster, tmp_path):
     assert re.search(r"Job '\S+' succeeded", log), log[-4000:]  # the CLI's words for status SUCCEEDED
     assert "steps per epoch:" in log and "effective batch: 32 pairs" in log, log[-4000:]
     assert "held-out pairwise accuracy" in log, log[-4000:]
-    # the loop's own progress line replaces Ray Train's per-report INFO dump
-    assert "[train] update 3/3" in log and "Reporting training result" not in log, log[-4000:]
+    # the loop's own progress line, once per report, replaces Ray Train's per-report INFO dump
+    assert log.count("[train] update 3/3") == 1 and "Reporting training result" not in log, log[-4000:]
+    assert re.search(r"\[workers\] node IPs: \S+, \S+", log), log[-4000:]
     model = rayapp.load(out / "model", device="cpu")
     assert model.config.image_size == 64
     summary = json.loads((out / "summary.json").read_text())
@@ -142,3 +143,82 @@ def test_cluster_yaml_matches_rays_cluster_schema():
     assert gpu_types and all(t["max_workers"] >= 1 for t in gpu_types)
     assert config["max_workers"] >= sum(t.get("min_workers", 0) for t in types.values())
     assert any("pip install" in c and "-e" in c for c in config["setup_commands"])
+
+
+def _help(job: str) -> str:
+    proc = subprocess.run([sys.executable, job, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize("job, config_module", [("jobs/train_rm.py", "rayapp.rm.config"),
+                                                ("jobs/refl.py", "rayapp.refl.config")])
+def test_job_help_documents_every_flag_and_nothing_test_only(job, config_module):
+    """Every config field is a flag with help text; no fault-injection flag; --help is the same whatever else
+    is on the command line."""
+    import dataclasses
+    import importlib
+
+    text = _help(job)
+    module = importlib.import_module(config_module)
+    cls = module.RMTrainConfig if job.endswith("train_rm.py") else module.ReFLConfig
+    for field in dataclasses.fields(cls):
+        assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help text"
+        if field.name != "preset":
+            assert "--" + field.name.replace("_", "-") in text
+    for test_only in ("--fail-at-step", "--step-log", "CRASH"):
+        assert test_only not in text
+    other = subprocess.run([sys.executable, job, "--pretrained", "CompVis/stable-diffusion-v1-4", "--help"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120).stdout
+    assert other == text
+
+
+@pytest.mark.parametrize("cls_path", ["rayapp.rm.config:RMTrainConfig", "rayapp.refl.config:ReFLConfig"])
+def test_config_file_round_trips(cls_path, tmp_path):
+    """A resolved config written by a run, fed back with --config, gives the same config; flags override it."""
+    import importlib
+
+    from rayapp.configs import parse_config, save_config
+
+    module_name, name = cls_path.split(":")
+    module = importlib.import_module(module_name)
+    cls = getattr(module, name)
+    first, _ = parse_config(cls, ["--preset", sorted(module.PRESETS)[-1], "--learning-rate", "0.25",
+                                  "--adam-betas", "0.8", "0.9", "--num-to-keep", "none"],
+                            presets=module.PRESETS, default_preset=module.DEFAULT_PRESET, description="t")
+    save_config(first, tmp_path / "config.json")
+    again, _ = parse_config(cls, ["--config", str(tmp_path / "config.json")], presets=module.PRESETS,
+                            default_preset=module.DEFAULT_PRESET, description="t")
+    assert again == first and again.learning_rate == 0.25 and again.adam_betas == (0.8, 0.9)
+    assert again.num_to_keep is None
+    (tmp_path / "partial.yaml").write_text("learning_rate: 0.5\nnum_workers: 3\n")
+    mixed, _ = parse_config(cls, ["--config", str(tmp_path / "partial.yaml"), "--num-workers", "5"],
+                            presets=module.PRESETS, default_preset=module.DEFAULT_PRESET, description="t")
+    assert (mixed.learning_rate, mixed.num_workers, mixed.preset) == (0.5, 5, module.DEFAULT_PRESET)
+    (tmp_path / "typo.json").write_text('{"learning_rat": 1}')
+    with pytest.raises(SystemExit):
+        parse_config(cls, ["--config", str(tmp_path / "typo.json")], presets=module.PRESETS,
+                     default_preset=module.DEFAULT_PRESET, description="t")
+
+
+def test_reference_preset_is_the_spec_recipe():
+    """`--preset imagereward-v1` is SPEC 2's recipe: Adam lr 1e-5 cosine, 64 pairs per update, fix_rate 0.7."""
+    from rayapp.rm import RMTrainConfig
+
+    config = RMTrainConfig.from_preset("imagereward-v1")
+    assert config.learning_rate == 1e-5 and config.lr_scheduler == "cosine" and config.warmup_steps == 0
+    assert config.pairs_per_update == 64 and config.fix_rate == 0.7 and config.num_epochs == 10
+    assert config.adam_betas == (0.9, 0.999) and config.adam_eps == 1e-8 and config.weight_decay == 0.0
+    assert config.evals_per_epoch == 4 and config.seed == 1234 and config.use_gpu
+
+
+def test_gpu_request_on_a_cpu_cluster_fails_fast(ray_cluster, tmp_path):
+    """The reference preset asks for GPUs: on the CPU-only cluster the job says so at once instead of waiting."""
+    env = dict(ray_cluster.env)
+    started = time.time()
+    proc = subprocess.run([sys.executable, "jobs/train_rm.py", "--preset", "imagereward-v1", "--output-dir",
+                           str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    assert "jobs/train_rm.py" in log and "'GPU': 1.0" in log and "no GPU" in log, log[-3000:]
+    assert time.time() - started < 120

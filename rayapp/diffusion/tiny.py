@@ -12,14 +12,15 @@ import json
 import os
 from pathlib import Path
 
-# Words that get whole-word BPE tokens (everything else still splits into byte tokens): the vocabulary
-# of the synthetic captions and common test prompts.
-TINY_WORDS = (
-    "a an the of on in with and at to one two three four five red green blue yellow white black purple "
-    "orange pink brown gray grey circle circles square squares triangle triangles star stars small large "
-    "big tiny background photo picture image painting portrait drawing cat dog bird sunset over mountains "
-    "city night day sky sea tree house left right top bottom center middle above below next"
+from rayapp.data.synth import vocabulary
+
+# Words that get whole-word BPE tokens (everything else still splits into byte tokens): the synthetic
+# captions' vocabulary plus words common in example prompts.
+EXAMPLE_PROMPT_WORDS = (
+    "an the of in with and at to photo picture image painting portrait drawing cat dog bird sunset over "
+    "mountains city night day sky sea tree house car"
 ).split()
+TINY_WORDS = tuple(vocabulary()) + tuple(EXAMPLE_PROMPT_WORDS)
 
 TINY_IMAGE_SIZE = 64  # output resolution in pixels (square)
 TINY_VAE_CHANNELS = (16, 32, 32)  # three VAE levels -> latent downsampling factor 4 -> 16x16x4 latents
@@ -104,6 +105,8 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from .pipelines import make_scheduler
+
     tokenizer = build_tiny_clip_tokenizer()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -157,85 +160,5 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def make_scheduler(kind: str = "ddim", config: dict | None = None):
-    """A DDIM or DDPM scheduler; `config` (e.g. a pipeline's scheduler.config) overrides SD's defaults."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    base = dict(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-    if config is not None:
-        base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    kind = kind.lower()
-    if kind == "ddim":
-        return DDIMScheduler.from_config(base)
-    if kind == "ddpm":
-        return DDPMScheduler.from_config(base)
-    raise ValueError(f"unknown scheduler {kind!r}; use 'ddim' or 'ddpm'")
-
-
-def pipeline_resolution(pipe_or_unet_vae) -> int:
-    """Output resolution in pixels = UNet sample size (latent pixels) x VAE downsampling factor."""
-    unet = getattr(pipe_or_unet_vae, "unet", None)
-    vae = getattr(pipe_or_unet_vae, "vae", None)
-    if unet is None or vae is None:
-        unet, vae = pipe_or_unet_vae
-    sample = unet.config.sample_size
-    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    return int(sample) * vae_scale_factor(vae)
-
-
-def vae_scale_factor(vae) -> int:
-    """Latent downsampling factor of an AutoencoderKL: 2 ** (levels - 1) (8 for SD, 4 for the tiny VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def load_pipeline(name_or_dir: str | os.PathLike, *, dtype=None, device=None, scheduler: str | None = None):
-    """Load a StableDiffusionPipeline from a local directory or a Hugging Face hub name.
-
-    name_or_dir: a `save_pretrained` directory (e.g. from `build_tiny_sd_pipeline`), or a hub name such as
-      "CompVis/stable-diffusion-v1-4" (goes through the HF cache; `HF_HUB_OFFLINE=1` is respected).
-      The special name "tiny" builds the tiny pipeline (seed 0) in memory.
-    dtype: torch dtype or its name ("float32", "bfloat16", "float16"); default float32.
-    device: where to move the pipeline; default CPU.
-    scheduler: replace the pipeline's scheduler with "ddim" or "ddpm" (keeping its beta schedule).
-    The safety checker is not loaded (it scores nothing we need and doubles the download).
-    """
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or torch.float32
-    source = os.fspath(name_or_dir)
-    if source == "tiny":
-        pipe = tiny_sd_pipeline(seed=0, scheduler=scheduler or "ddim").to(dtype=dtype)
-        return pipe.to(device) if device is not None else pipe
-    local = Path(source).is_dir()
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
-    except (OSError, EnvironmentError) as err:
-        hint = "" if local else (
-            " It is not a local directory; as a hub name it needs network access or a cached copy"
-            " (HF_HUB_OFFLINE=1 forbids downloads)."
-        )
-        raise OSError(f"cannot load the Stable Diffusion pipeline {source!r}.{hint}") from err
-    if scheduler is not None:
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    if device is not None:
-        pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,0 +1,144 @@
+"""`ReFLConfig`: every setting of ReFL (reward feedback learning, SPEC 3) with its unit and meaning.
+
+The dataclass defaults are the paper / reference recipe for SD 1.x (40 sampling steps, gradient step drawn from
+[30, 39], lambda 2, grad_scale 1e-3, AdamW lr 1e-5 wd 1e-2, clip 1.0, constant lr, batch 2 x accumulation 4,
+100 updates) plus the paper's pre-training loss. Presets are data in `presets/*.json`: `offline` (the tiny
+pipeline and tiny RM on 2 CPUs, no download), `sd15` (the paper's recipe on Stable Diffusion 1.5) and `sd14`
+(the reference run's base model, SD 1.4).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from rayapp.configs import config_from_dict, load_presets, option, save_config
+from rayapp.runtime.config import TrainingConfig
+
+PRESETS = load_presets(Path(__file__).with_name("presets"))
+DEFAULT_PRESET = "offline"
+
+DEFAULT_EVAL_PROMPTS = (
+    "one large red circle on a white background",
+    "two small blue squares on a black background",
+    "three large yellow triangles on a gray background",
+    "one small green square on a white background",
+)
+
+
+@dataclass
+class ReFLConfig(TrainingConfig):
+    """ReFL fine-tuning of a Stable Diffusion UNet against a reward model, on Ray Train + DeepSpeed."""
+
+    preset: str = option("sd15", "the named defaults this config started from (set by --preset)")
+    # --- models ---
+    pretrained: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                             "SD pipeline: hub name, a save_pretrained dir, or 'tiny' (random-weight tiny "
+                             "pipeline built from configs on every worker)")
+    tiny_seed: int = option(0, "torch seed of the tiny pipeline's weights (pretrained='tiny' only)")
+    reward: str | None = option("ImageReward-v1.0", "reward model: a name, an official .pt or a rayapp "
+                                                    "save_pretrained dir; none = a random-but-fixed tiny RM")
+    reward_tokenizer: str | None = option(None, "RM tokenizer dir / hub name when `reward` does not carry one")
+    reward_seed: int = option(0, "torch seed of the random tiny RM (reward none only)")
+    # --- data ---
+    prompts: str | None = option(None, "prompt file (path or URI): JSON list [{\"text\": ...}] or of strings, "
+                                       "text one per line, or Parquet; none = the built-in tiny prompts")
+    prompt_column: str = option("text", "JSON key / Parquet column of the prompt ('prompt', 'caption' also "
+                                        "tried)")
+    pretrain_data: str | None = option(None, "image-text Parquet set (path or URI) for the pre-training loss "
+                                             "(comparison shards: the best-ranked image per prompt)")
+    # --- sampling (ReFL forward pass) ---
+    num_inference_steps: int = option(40, "scheduler steps per sample (SPEC 3: 40)")
+    grad_step_min: int = option(30, "0-based index of the earliest sampling step that may carry the gradient")
+    grad_step_max: int = option(39, "latest such index (inclusive); drawn uniformly in [min, max] per update")
+    scheduler: str = option("ddim", "'ddim' or 'ddpm' (the pipeline's beta schedule is kept)")
+    eta: float = option(0.0, "DDIM eta (0 = deterministic DDIM); ignored by DDPM")
+    guidance_scale: float = option(1.0, "classifier-free guidance weight; <= 1 = none (the reference trains "
+                                         "without)")
+    # --- objective ---
+    reward_target: float = option(2.0, "lambda: loss = mean(ReLU(lambda - reward)) x grad_scale (RM units)")
+    grad_scale: float = option(1e-3, "multiplier of the reward loss (SPEC 3: 1e-3)")
+    pretrain_weight: float = option(1.0, "multiplier of the pre-training denoising loss (MSE, latent units); "
+                                         "0 = off")
+    pretrain_mode: str = option("joint", "'joint': added to the reward loss of the same update; 'alternate': "
+                                         "its own updates (paper Alg. 1)")
+    pretrain_every: int = option(1, "joint: add it on every k-th update; alternate: every k-th update is a "
+                                    "pre-training update (k >= 2)")
+    pretrain_batch_size: int = option(2, "images per worker per pre-training loss evaluation")
+    # --- optimisation (shared fields: see TrainingConfig) ---
+    max_steps: int = option(100, "optimizer updates in total (a resumed run continues up to this count)")
+    lora_rank: int = option(0, "0 = fine-tune the full UNet; > 0 = LoRA of this rank on the attention "
+                               "projections")
+    lora_alpha: float | None = option(None, "LoRA scale numerator (alpha / rank); none = rank (scale 1)")
+    gradient_checkpointing: bool = option(False, "recompute UNet activations in backward (less memory, ~30% "
+                                                 "slower)")
+    use_ema: bool = option(False, "keep an exponential moving average of the trained weights; eval + export "
+                                  "use it")
+    ema_decay: float = option(0.9999, "EMA decay per update")
+    # --- evaluation ---
+    eval_prompts: tuple[str, ...] = option(DEFAULT_EVAL_PROMPTS, "fixed held-out prompts")
+    eval_seeds: tuple[int, ...] = option((0, 1), "one image per (prompt, seed); same noise at every evaluation")
+    eval_every: int = option(10, "evaluate (grid PNG + mean reward report) every this many updates; 0 = "
+                                 "start and end only")
+    # --- overrides of shared defaults (the reference recipe) ---
+    train_batch_size: int = option(2, "prompts per worker per micro-batch")
+    gradient_accumulation_steps: int = option(4, "micro-batches per optimizer update")
+    weight_decay: float = option(1e-2, "AdamW decoupled weight decay per update")
+    num_workers: int = option(8, "Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = option(True, "one GPU per worker; asking a cluster without GPUs fails at once")
+    checkpoint_every: int = option(0, "checkpoint every this many updates; 0 = with every evaluation")
+    output_dir: str = option("runs/refl", "final model (final/), eval grids (eval/), reward curve, history.json "
+                                          "and config.json go here")
+
+    def __post_init__(self) -> None:
+        self.eval_prompts = tuple(self.eval_prompts)
+        self.eval_seeds = tuple(int(s) for s in self.eval_seeds)
+        self.adam_betas = tuple(self.adam_betas)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError on inconsistent settings."""
+        self.validate_training()
+        if self.num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be >= 1")
+        if not 0 <= self.grad_step_min <= self.grad_step_max < self.num_inference_steps:
+            raise ValueError(
+                f"need 0 <= grad_step_min <= grad_step_max < num_inference_steps, got "
+                f"[{self.grad_step_min}, {self.grad_step_max}] with {self.num_inference_steps} steps")
+        if self.scheduler not in ("ddim", "ddpm"):
+            raise ValueError(f"scheduler must be 'ddim' or 'ddpm', got {self.scheduler!r}")
+        if self.pretrain_mode not in ("joint", "alternate"):
+            raise ValueError(f"pretrain_mode must be 'joint' or 'alternate', got {self.pretrain_mode!r}")
+        if self.pretrain_every < 1:
+            raise ValueError("pretrain_every must be >= 1")
+        if self.pretrain_mode == "alternate" and self.pretrain_weight > 0 and self.pretrain_every < 2:
+            raise ValueError("pretrain_mode='alternate' needs pretrain_every >= 2 (else no reward updates)")
+        if self.lora_rank < 0:
+            raise ValueError("lora_rank must be >= 0")
+        if self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1")
+        if not self.eval_prompts or not self.eval_seeds:
+            raise ValueError("eval_prompts and eval_seeds must not be empty")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; known: {sorted(PRESETS)}")
+
+    @property
+    def pretrain_enabled(self) -> bool:
+        return self.pretrain_weight > 0
+
+    @classmethod
+    def from_preset(cls, name: str = DEFAULT_PRESET, **overrides) -> ReFLConfig:
+        """A preset's config with some fields overridden (the Python API's `--preset`)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        return config_from_dict(cls, {**PRESETS[name], "preset": name, **overrides}, source=f"preset {name}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ReFLConfig:
+        return config_from_dict(cls, data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        save_config(self, path)

@@ -1,0 +1,120 @@
+"""Ray clusters as the jobs meet them: connect, size the train workers to the cluster, fail fast on a request
+the cluster can never meet, say where the workers run."""
+from __future__ import annotations
+
+import logging
+import os
+
+from .config import TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+# CPUs left to Ray Data's tasks and the driver when workers are sized automatically: without it, workers that
+# hold every CPU starve the data pipeline feeding them (it waits for a CPU forever).
+DATA_CPU_RESERVE = 1.0
+
+
+class ResourceRequestError(RuntimeError):
+    """The cluster can never satisfy what a job or deployment asked for."""
+
+
+def connect(**kwargs) -> None:
+    """Connect to RAY_ADDRESS (set under `ray job submit`) or start a local Ray sized like this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+
+
+def cluster_capacity() -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(total resources, resources of each alive node) of the connected cluster."""
+    import ray
+
+    nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    return dict(ray.cluster_resources()), nodes
+
+
+def worker_resources(config: TrainingConfig, job: str) -> dict[str, float]:
+    """Resources one train worker reserves; checks now that the cluster can ever place all of them.
+
+    With `cpus_per_worker` unset, each worker gets at most one CPU and the workers together leave
+    DATA_CPU_RESERVE CPUs free (a 2-CPU machine with 2 workers: 0.5 each). Raises ResourceRequestError naming
+    the job, the request and the cluster's resources unless `wait_for_resources` is set.
+    """
+    total, nodes = cluster_capacity()
+    cpus = config.cpus_per_worker
+    if cpus is None:
+        free = max(total.get("CPU", 0.0) - DATA_CPU_RESERVE, 0.0)
+        cpus = max(0.1, min(1.0, round(free / config.num_workers, 2) if free else 0.1))
+    request = {"CPU": float(cpus)}
+    if config.use_gpu:
+        request["GPU"] = 1.0
+    if not config.wait_for_resources:
+        check_placeable(job, f"{config.num_workers} train workers", request, config.num_workers, total, nodes)
+    return request
+
+
+def check_placeable(job: str, what: str, per_item: dict[str, float], count: int, total: dict[str, float],
+                    nodes: list[dict[str, float]]) -> None:
+    """Raise ResourceRequestError unless `count` bundles of `per_item` fit the cluster's nodes (by capacity)."""
+    have = {k: round(v, 2) for k, v in total.items() if k in ("CPU", "GPU", "memory") or k in per_item}
+    have.pop("memory", None)
+    missing = [k for k, v in per_item.items() if v > 0 and total.get(k, 0.0) <= 0]
+    fits = sum(int(min(node.get(k, 0.0) / v for k, v in per_item.items() if v > 0) + 1e-9) for node in nodes)
+    if not missing and fits >= count:
+        return
+    hint = ""
+    if "GPU" in missing:
+        hint = " This cluster has no GPU: pass --use-gpu false (CPU), or connect to a cluster with GPU nodes."
+    elif missing:
+        hint = f" No node offers {', '.join(missing)}."
+    else:
+        hint = " Ask for fewer workers or fewer CPUs per worker (--num-workers, --cpus-per-worker), or add nodes."
+    raise ResourceRequestError(
+        f"{job}: {what} x {per_item} can never be placed: the cluster has {have} on {len(nodes)} node(s), "
+        f"room for {fits}.{hint} (--wait-for-resources waits for an autoscaler instead.)")
+
+
+def log_worker_nodes(prefix: str = "[workers]") -> list[str]:
+    """Collective: every rank's node IP; rank 0 logs them in rank order ("[workers] node IPs: a, b")."""
+    import ray
+    import torch
+
+    ip = ray.util.get_node_ip_address()
+    ips = [ip]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        ips = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(ips, ip)
+        if torch.distributed.get_rank() != 0:
+            return ips
+    logger.info("%s node IPs: %s", prefix, ", ".join(ips))
+    return ips
+
+
+def quiet_report_log() -> None:
+    """Silence Ray Train's INFO line per `ray.train.report` (the whole metrics dict, from every rank); the
+    loops log their own one-line progress on rank 0 instead. A no-op where Ray moved that logger."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    module_logger = getattr(context, "logger", None)
+    if isinstance(module_logger, logging.Logger):
+        module_logger.setLevel(logging.WARNING)
+
+
+def quiet_data_progress_bars() -> None:
+    """No Ray Data progress bars for datasets built after this call in this process (the driver).
+
+    Training re-splits its datasets every epoch and each split's bar reaches the driver as a stream of
+    carriage-return lines; the loop's own progress line says the same.
+    """
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False

@@ -1,0 +1,75 @@
+"""Fault injection for the training tests, passed in as update callbacks (never part of the user-facing CLI).
+
+The classes travel to the Ray Train workers by value (cloudpickle), so the workers need not import `tests`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import ray.cloudpickle
+
+from rayapp.runtime.callbacks import UpdateEvent
+
+
+class KillWorkerOnce:
+    """Hard-exits `rank` once when it is about to run update `step` (a lost node or an OOM kill looks the same)."""
+
+    def __init__(self, step: int, marker: str | os.PathLike, rank: int = 1):
+        self.step, self.rank, self.marker = step, rank, str(marker)
+
+    def __call__(self, event: UpdateEvent) -> None:
+        if event.when == "before" and event.rank == self.rank and event.step == self.step \
+                and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os._exit(1)
+
+
+class StepLog:
+    """Rank 0 appends "<pid> <step>" for every finished update, so a test can see what each attempt ran."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+
+    def __call__(self, event: UpdateEvent) -> None:
+        if event.when == "after" and event.rank == 0:
+            with open(self.path, "a") as log:
+                log.write(f"{os.getpid()} {event.step}\n")
+
+    def attempts(self) -> list[list[int]]:
+        """The updates each process ran, in order of first appearance."""
+        runs: dict[str, list[int]] = {}
+        for line in Path(self.path).read_text().split("\n"):
+            if line:
+                pid, step = line.split()
+                runs.setdefault(pid, []).append(int(step))
+        return list(runs.values())
+
+
+class ForgeHalfWrittenCheckpoint:
+    """Rank 0, before update `step`: copies the newest checkpoint of the run's storage to a new directory that
+    claims a later step but lacks one rank's completion marker, as a node lost mid-save would leave it."""
+
+    def __init__(self, step: int, claimed_step: int):
+        self.step, self.claimed_step = step, claimed_step
+
+    def __call__(self, event: UpdateEvent) -> None:
+        if event.when != "before" or event.rank != 0 or event.step != self.step:
+            return
+        run_dir = Path(event.storage_path) / event.run_name
+        complete = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "trainer_state.json").is_file())
+        if not complete or (run_dir / "checkpoint_9999-forged").exists():
+            return
+        forged = run_dir / "checkpoint_9999-forged"
+        shutil.copytree(complete[-1], forged)
+        state = json.loads((forged / "trainer_state.json").read_text())
+        state["step"] = self.claimed_step
+        state["completed_updates"] = list(range(self.claimed_step))
+        (forged / "trainer_state.json").write_text(json.dumps(state))
+        (forged / "rank_done.1").unlink()
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
