@@ -287,11 +287,28 @@ def test_sdwebui_lazy_load_reuse_reload_ui_and_unload(sd, webui, tmp_path):
 
 
 def test_sdwebui_official_pt_checkpoint(sd, webui, rm_model, official_pt, tmp_path):
+    import torch
+
     webui.shared.opts.imagereward_model = str(official_pt)
+    webui.shared.opts.imagereward_device = "auto"
     result = sd.Script().run(make_p(webui, tmp_path, batch_size=3, n_iter=1), False, "0")
+    assert f"on {'cuda:0' if torch.cuda.is_available() else 'cpu'}, float32" in result.comments
     by_seed = [img for _, img in sorted(zip(result.all_seeds, result.images), key=lambda pair: pair[0])]
     expected = rm_model.score(PROMPT, by_seed)
     assert [img.info["score"] for img in by_seed] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_sdwebui_unload_returns_cuda_memory(sd, webui, tmp_path):
+    import torch
+
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    webui.shared.opts.imagereward_device = "cuda"
+    result = sd.Script().run(make_p(webui, tmp_path, batch_size=2, n_iter=1), False, "0")
+    assert "on cuda:0" in result.comments and torch.cuda.memory_allocated() > 0
+    assert sd.unload_model() == "ImageReward: model unloaded."
+    assert torch.cuda.memory_reserved() == before
 
 
 def test_sdwebui_bad_model_setting_fails_before_generating(sd, webui, tmp_path):

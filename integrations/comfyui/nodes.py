@@ -91,22 +91,15 @@ def resolve_model(name: str) -> str:
     return name  # a hub name, or rayapp.load says what is wrong with it
 
 
-def _pick_device(choice: str) -> str:
-    """'auto' -> ComfyUI's device inside ComfyUI, else the GPU when there is one, else the CPU."""
+def _pick_device(choice: str) -> str | None:
+    """'auto' -> ComfyUI's own device inside ComfyUI, else None (the library's default: CUDA when available)."""
     if choice != "auto":
         return choice
     try:
         import comfy.model_management as management  # ComfyUI's own module
-
-        return str(management.get_torch_device())
     except ImportError:
-        pass
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    return "mps" if mps is not None and mps.is_available() else "cpu"
+        return None
+    return str(management.get_torch_device())
 
 
 class LocalScorer:
@@ -115,12 +108,11 @@ class LocalScorer:
     def __init__(self, model: str, device: str, dtype: str):
         import rayapp
 
-        where = _pick_device(device)
         try:
-            self.model = rayapp.load(model, device=where, dtype=dtype)
+            self.model = rayapp.load(model, device=_pick_device(device), dtype=dtype)
         except Exception as err:  # any failure is reported with the inputs that caused it
-            raise RuntimeError(f"ImageReward Loader: cannot load {model!r} on {where!r} as {dtype!r}: {err}") from err
-        self.where = f"{os.path.basename(model.rstrip('/')) or model} on {where}, {dtype}"
+            raise RuntimeError(f"ImageReward Loader: cannot load {model!r} on {device!r} as {dtype!r}: {err}") from err
+        self.where = f"{os.path.basename(model.rstrip('/')) or model} on {self.model.device}, {dtype}"
 
     def score(self, prompt: str, pictures: list[Image.Image]) -> list[float]:
         """The library's score of each picture under the prompt."""

@@ -53,7 +53,7 @@ SETTINGS = {
                                      "a path to ImageReward.pt, or a rayapp save_pretrained directory")),
     OPT_ENDPOINT: ("", ("rayapp Serve endpoint URL, e.g. http://127.0.0.1:8000 "
                         "(empty: score in the WebUI process; set: nothing heavy is loaded here)")),
-    OPT_DEVICE: ("auto", "Device for in-process scoring: auto (the GPU when there is one), cpu, cuda, cuda:1, mps"),
+    OPT_DEVICE: ("auto", "Device for in-process scoring: auto (CUDA when there is a GPU), cpu, cuda, cuda:1, mps"),
     OPT_DTYPE: ("float32", ("Precision for in-process scoring: float32 (the library's scores, ~1.6 GB), "
                             "bfloat16 or float16 (half the memory, scores differ in the 2nd-3rd decimal)")),
 }
@@ -138,20 +138,6 @@ def _png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
-def _pick_device(choice: str) -> str:
-    """'auto' -> the GPU when there is one, else the CPU; anything else as given."""
-    if choice != "auto":
-        return choice
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 class LocalScorer:
     """The reward model in the WebUI process (rayapp.load), created on the first run."""
 
@@ -159,16 +145,16 @@ class LocalScorer:
         import rayapp
 
         self.key = (model, device, dtype)
-        where = _pick_device(device)
-        logger.info("ImageReward: loading %s on %s (%s)", model, where, dtype)
+        logger.info("ImageReward: loading %s on %s (%s)", model, device, dtype)
         try:
-            self.model = rayapp.load(model, device=where, dtype=dtype)
+            # 'auto' leaves the device to the library: the GPU when there is one.
+            self.model = rayapp.load(model, device=None if device == "auto" else device, dtype=dtype)
         except Exception as err:  # any failure is reported with the settings that caused it
             raise RuntimeError(
-                f"ImageReward: cannot load the model {model!r} on {where!r} as {dtype!r} "
+                f"ImageReward: cannot load the model {model!r} on {device!r} as {dtype!r} "
                 f"(Settings > ImageReward: model, device, precision): {err}"
             ) from err
-        self.where = f"{model} on {where}, {dtype}"
+        self.where = f"{model} on {self.model.device}, {dtype}"
 
     def score_pairs(self, prompts: list[str], pictures: list) -> list[float]:
         """The library's scores of pictures[i] under prompts[i]."""
