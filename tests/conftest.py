@@ -144,12 +144,35 @@ def tiny_rm_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_blip_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A tiny BLIP baseline scorer (random weights, fixed seed): the second model of the session's app."""
+    import rayapp
+
+    out = tmp_path_factory.mktemp("tiny_blip")
+    rayapp.load_score("BLIP", config="tiny", tokenizer=tiny_tokenizer_dir, seed=1, device="cpu").save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def serve_checkpoint_root(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """User checkpoints for model multiplexing: users/run-a, users/run-b, users/run-c (different seeds)."""
+    import rayapp
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    for seed, name in enumerate(SERVE_TEST_CHECKPOINTS, start=10):
+        rayapp.create_model("tiny", tokenizer=tiny_tokenizer_dir, seed=seed).save_pretrained(root / name)
+    return root
+
+
 # Small limits so the bad-input corpus stays cheap; autoscaling delays short enough for a test.
 SERVE_TEST_LIMITS = {"max_images": 8, "max_image_bytes": 1 << 20, "max_request_bytes": 2 << 20,
-                     "max_pixels": 4_000_000, "max_prompt_chars": 1000}
+                     "max_pixels": 4_000_000, "max_prompt_chars": 1000, "max_batch_pairs": 256}
 SERVE_TEST_AUTOSCALING = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
                           "target_ongoing_requests": 2, "upscale_delay_s": 0.5, "downscale_delay_s": 3.0,
                           "metrics_interval_s": 0.5, "look_back_period_s": 1.0}
+SERVE_TEST_CHECKPOINTS = ("users/run-a", "users/run-b", "users/run-c")
+SERVE_TEST_MAX_USER_MODELS = 2  # LRU size per replica, below the number of checkpoints so one gets evicted
 
 
 @dataclass
@@ -159,14 +182,23 @@ class ServeApp:
     url: str
     model_dir: Path
     app_name: str
+    blip_dir: Path | None = None
+    checkpoint_root: Path | None = None
 
 
 class ServeAppManager:
-    """One Serve app for the whole session, redeployed if a test (e.g. `serve shutdown`) took Serve down."""
+    """One Serve app for the whole session, redeployed if a test (e.g. `serve shutdown`) took Serve down.
 
-    def __init__(self, model_dir: Path):
+    Two configured models (tiny-test: ImageReward, the default; tiny-blip: BLIP baseline) and multiplexed
+    user checkpoints under `checkpoint_root`.
+    """
+
+    def __init__(self, model_dir: Path, blip_dir: Path | None = None, checkpoint_root: Path | None = None):
         self.model_dir = model_dir
+        self.blip_dir = blip_dir
+        self.checkpoint_root = checkpoint_root
         self.app: ServeApp | None = None
+        self.port: int | None = None
 
     def _healthy(self) -> bool:
         import urllib.request
@@ -177,24 +209,37 @@ class ServeAppManager:
         except OSError:
             return False
 
+    def args(self, **overrides):
+        """The session app's AppArgs (tests deploy variants of it, e.g. with a token, under other names)."""
+        from rayapp.serve.app import AppArgs
+
+        models = [{"id": "tiny-test", "source": str(self.model_dir)}]
+        if self.blip_dir is not None:
+            models.append({"id": "tiny-blip", "scorer": "BLIP", "source": str(self.blip_dir)})
+        multiplex = None if self.checkpoint_root is None else {
+            "checkpoint_root": str(self.checkpoint_root), "max_models_per_replica": SERVE_TEST_MAX_USER_MODELS}
+        values = dict(
+            models=models, multiplex=multiplex, device="cpu", dtype="float32", num_threads=1,
+            max_batch_size=16, batch_wait_timeout_s=0.05, limits=SERVE_TEST_LIMITS,
+            scorer_options={"autoscaling_config": SERVE_TEST_AUTOSCALING, "ray_actor_options": {"num_cpus": 1}},
+            api_options={"ray_actor_options": {"num_cpus": 0.5}},
+        )
+        values.update(overrides)
+        return AppArgs(**values)
+
     def ensure(self) -> ServeApp:
         if self.app is not None and self._healthy():
             return self.app
         from ray import serve
 
-        from rayapp.serve.app import AppArgs, build_app
+        from rayapp.serve.app import build_app
 
         self.stop()
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = AppArgs(
-            model=str(self.model_dir), name="tiny-test", device="cpu", dtype="float32", num_threads=1,
-            max_batch_size=16, batch_wait_timeout_s=0.05, limits=SERVE_TEST_LIMITS,
-            scorer_options={"autoscaling_config": SERVE_TEST_AUTOSCALING, "ray_actor_options": {"num_cpus": 1}},
-            api_options={"ray_actor_options": {"num_cpus": 1}},
-        )
-        serve.run(build_app(args), name="rm", route_prefix="/")
-        self.app = ServeApp(url=f"http://127.0.0.1:{port}", model_dir=self.model_dir, app_name="rm")
+        self.port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        serve.run(build_app(self.args()), name="rm", route_prefix="/")
+        self.app = ServeApp(url=f"http://127.0.0.1:{self.port}", model_dir=self.model_dir, app_name="rm",
+                            blip_dir=self.blip_dir, checkpoint_root=self.checkpoint_root)
         return self.app
 
     def stop(self) -> None:
@@ -206,8 +251,8 @@ class ServeAppManager:
 
 
 @pytest.fixture(scope="session")
-def serve_manager(ray_cluster, tiny_rm_dir):
-    manager = ServeAppManager(tiny_rm_dir)
+def serve_manager(ray_cluster, tiny_rm_dir, tiny_blip_dir, serve_checkpoint_root):
+    manager = ServeAppManager(tiny_rm_dir, tiny_blip_dir, serve_checkpoint_root)
     try:
         yield manager
     finally:

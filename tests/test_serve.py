@@ -52,7 +52,7 @@ def good_request_succeeds(url: str) -> None:
 CONFIGS = REPO_ROOT / "serve_configs"
 
 
-@pytest.mark.parametrize("name", ["rm.yaml", "rm_cpu_local.yaml"])
+@pytest.mark.parametrize("name", ["rm.yaml", "rm_cpu_local.yaml", "rm_multi.yaml"])
 def test_config_is_valid(name):
     from ray.serve.schema import ServeDeploySchema
 
@@ -64,14 +64,35 @@ def test_config_is_valid(name):
     args = AppArgs.model_validate(app.args)  # unknown keys (typos) are errors
     assert {d.name for d in app.deployments} == {"RewardScorer", "RewardAPI"}
     scorer = next(d for d in app.deployments if d.name == "RewardScorer")
-    assert set(scorer.user_config) == {"max_batch_size", "batch_wait_timeout_s"}
-    if name == "rm.yaml":
-        assert args.model == "ImageReward-v1.0" and args.device == "cuda" and args.dtype == "bfloat16"
-        auto = scorer.autoscaling_config
-        assert auto["min_replicas"] < auto["max_replicas"] and auto["target_ongoing_requests"] > 0
-        assert scorer.ray_actor_options.num_gpus == 1
-    else:
-        assert args.device == "cpu"
+    assert {"max_batch_size", "batch_wait_timeout_s"} <= set(scorer.user_config) <= {"max_batch_size",
+                                                                                        "batch_wait_timeout_s", "models"}
+    assert set(scorer.user_config.get("models", {})) <= {spec.id for spec in args.model_specs()}
+    if name == "rm_cpu_local.yaml":
+        assert args.device == "cpu" and args.auth is None and config.http_options.host == "127.0.0.1"
+        return
+    # Production configs listen on every interface, so they need a token; they run on GPUs in bf16.
+    assert config.http_options.host == "0.0.0.0" and args.auth is not None
+    assert args.model_specs()[0].id == "ImageReward-v1.0" and args.device == "cuda" and args.dtype == "bfloat16"
+    auto = scorer.autoscaling_config
+    assert auto["min_replicas"] < auto["max_replicas"] and auto["target_ongoing_requests"] > 0
+    assert scorer.ray_actor_options.num_gpus == 1
+    if name == "rm_multi.yaml":
+        assert [s.scorer for s in args.model_specs()] == ["ImageReward", "CLIP", "BLIP", "Aesthetic"]
+        assert args.multiplex is not None
+
+
+def test_old_one_model_args_still_validate():
+    from rayapp.serve.app import AppArgs
+
+    args = AppArgs.model_validate({"model": "/abs/runs/rm/model", "device": "cpu", "limits": {"max_images": 4}})
+    (spec,) = args.model_specs()
+    assert spec.id == "/abs/runs/rm/model" and spec.source == "/abs/runs/rm/model" and spec.scorer == "ImageReward"
+    with pytest.raises(ValueError, match="either `model`"):
+        AppArgs.model_validate({"model": "a", "models": [{"id": "b"}]})
+    with pytest.raises(ValueError, match="unique"):
+        AppArgs.model_validate({"models": [{"id": "b"}, {"id": "b", "scorer": "CLIP"}]})
+    with pytest.raises(ValueError, match="not one of"):
+        AppArgs.model_validate({"models": [{"id": "b", "scorer": "DALL-E"}]})
 
 
 def test_serve_run_offline_config(ray_cluster, serve_manager, tiny_rm_dir, tmp_path):
@@ -83,6 +104,11 @@ def test_serve_run_offline_config(ray_cluster, serve_manager, tiny_rm_dir, tmp_p
     config = yaml.safe_load((CONFIGS / "rm_cpu_local.yaml").read_text())
     config["http_options"].update(host="127.0.0.1", port=port)
     config["applications"][0]["args"]["model"] = str(tiny_rm_dir)
+    # A second application asking for a GPU this CPU cluster lacks: it must fail at once, saying so.
+    gpu_app = yaml.safe_load(yaml.safe_dump(config["applications"][0]))
+    gpu_app.update(name="gpu", route_prefix="/gpu")
+    gpu_app["deployments"][0]["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1}
+    config["applications"].append(gpu_app)
     path = tmp_path / "rm_cpu_local.yaml"
     path.write_text(yaml.safe_dump(config))
 
@@ -111,6 +137,12 @@ def test_serve_run_offline_config(ray_cluster, serve_manager, tiny_rm_dir, tmp_p
         expected = rayapp.load(tiny_rm_dir, device="cpu").score("a red circle", [base64.b64decode(i) for i in images])
         np.testing.assert_allclose(resp.json()["scores"], expected, rtol=1e-4, atol=1e-5)
         assert resp.json()["model"] == "rayapp-rm-local"
+
+        from ray import serve
+
+        assert wait_for(lambda: serve.status().applications["gpu"].status == "DEPLOY_FAILED", timeout=60)
+        message = serve.status().applications["gpu"].message
+        assert "RewardScorer" in message and "GPU 1" in message and "no node" in message, message
     finally:
         # ENVIRONMENT.md: a background `serve run` ignores SIGINT; shut Serve down, then SIGTERM its PID.
         subprocess.run([str(bin_dir / "serve"), "shutdown", "-y", "-a", ray_cluster.dashboard_url],

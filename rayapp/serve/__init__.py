@@ -1,15 +1,18 @@
-"""Ray Serve reward endpoint: `app.build_app` (deployments), `client.RewardClient` (HTTP client, no Ray needed)."""
+"""Ray Serve reward endpoint: `app.build_app` (deployments); `client.RewardClient` / `client.AsyncRewardClient`
+/ `client.make_reward_fn` (HTTP clients, no Ray needed)."""
 from __future__ import annotations
 
-__all__ = ["RewardClient", "build_app"]
+__all__ = ["AsyncRewardClient", "RewardClient", "build_app", "make_reward_fn"]
+
+_CLIENT = {"RewardClient", "AsyncRewardClient", "make_reward_fn"}
 
 
 def __getattr__(name: str):
     # Lazy, so `from rayapp.serve.client import RewardClient` never imports Ray or FastAPI.
-    if name == "RewardClient":
-        from rayapp.serve.client import RewardClient
+    if name in _CLIENT:
+        from rayapp.serve import client
 
-        return RewardClient
+        return getattr(client, name)
     if name == "build_app":
         from rayapp.serve.app import build_app
 

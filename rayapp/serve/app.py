@@ -1,44 +1,104 @@
 """The Serve application builder named by `serve_configs/*.yaml` (`import_path: rayapp.serve.app:build_app`)."""
 from __future__ import annotations
 
+import logging
 import os
 
-from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from rayapp.serve.api import RewardAPI
-from rayapp.serve.limits import ServeLimits
+from rayapp.serve.config import AppArgs, ModelSpec, MultiplexConfig
+from rayapp.serve.models import is_uri
+from rayapp.serve.resources import (
+    DeploymentDemand,
+    check_application,
+    initial_replicas,
+    replica_resources,
+)
 from rayapp.serve.scorer import RewardScorer
 
+__all__ = ["AppArgs", "build_app"]
 
-class AppArgs(BaseModel):
-    """`args:` of the Serve config; per-deployment resources and autoscaling live under `deployments:`."""
+logger = logging.getLogger(__name__)
+IMPORT_PATH = "rayapp.serve.app:build_app"
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field("ImageReward-v1.0", description="name from available_models(), .pt file or save_pretrained dir")
-    name: str | None = Field(None, description="model id reported by the API; defaults to `model`")
-    device: str | None = Field(None, description="cpu, cuda, cuda:1, ...; None = cuda when the replica has a GPU")
-    dtype: str | None = Field(None, description="float32, bfloat16, float16; None = the loader's default")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads per model replica")
-    max_batch_size: int = Field(16, ge=1, description="images per forward pass (user_config overrides)")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="wait for a batch to fill (user_config overrides)")
-    limits: ServeLimits = Field(default_factory=ServeLimits)
-    # For programmatic use (tests, benchmarks); YAML users set these under `deployments:` instead.
-    scorer_options: dict = Field(default_factory=dict, description="Serve options for RewardScorer")
-    api_options: dict = Field(default_factory=dict, description="Serve options for RewardAPI")
+def _pinned(source: str | None) -> str | None:
+    """A local checkpoint given relative to where the app is built, made absolute so replicas find it anywhere."""
+    if source and not is_uri(source) and os.path.exists(source):
+        return os.path.abspath(source)
+    return source
+
+
+def _pin_spec(spec: ModelSpec) -> ModelSpec:
+    options = dict(spec.options)
+    if options.get("weights"):
+        options["weights"] = _pinned(options["weights"])
+    return spec.model_copy(update={"source": _pinned(spec.source), "options": options})
+
+
+def _config_overrides(args: AppArgs) -> dict[str, dict]:
+    """`deployments:` of the Serve config being deployed with these args (Serve applies them after the build).
+
+    Read from the controller, which stores the config before it starts the build; {} when built outside a
+    config deploy (serve.run, `serve run module:build_app`).
+    """
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is None:
+            return {}
+        for details in client.get_serve_details().get("applications", {}).values():
+            config = details.get("deployed_app_config") or {}
+            if config.get("import_path") != IMPORT_PATH or details.get("status") not in ("DEPLOYING", "NOT_STARTED"):
+                continue
+            if AppArgs.model_validate(config.get("args") or {}) == args:
+                # Unset options may come back as None: they do not override the code's values.
+                return {d["name"]: {k: v for k, v in d.items() if v is not None} for d in config.get("deployments") or []}
+    except Exception:  # noqa: BLE001 -- private controller API; the check then uses the code's options only
+        logger.debug("could not read the deployed config's overrides", exc_info=True)
+    return {}
+
+
+def _demand(name: str, deployment, override: dict) -> DeploymentDemand:
+    config = deployment._deployment_config
+    options = override["ray_actor_options"] if "ray_actor_options" in override else deployment.ray_actor_options
+    num_replicas = override.get("num_replicas", config.num_replicas)
+    autoscaling = override.get("autoscaling_config", config.autoscaling_config)
+    if num_replicas == "auto":
+        num_replicas = None
+    if "autoscaling_config" in override or num_replicas is None:
+        replicas = initial_replicas(None, autoscaling)
+    else:
+        replicas = initial_replicas(num_replicas, None)
+    return DeploymentDemand(name, replica_resources(options), replicas)
+
+
+def _check_resources(args: AppArgs, deployments: dict) -> None:
+    """Refuse an application whose replicas can never be scheduled here (see rayapp.serve.resources)."""
+    import ray
+
+    if args.resource_check.mode == "off" or not ray.is_initialized():
+        return
+    overrides = _config_overrides(args)
+    demands = [_demand(name, deployment, overrides.get(name, {})) for name, deployment in deployments.items()]
+    check_application(demands, args.resource_check.mode, args.resource_check.wait_s)
 
 
 def build_app(args: AppArgs) -> Application:
-    """Ingress -> model deployment, wired with a handle."""
+    """Ingress -> model deployment (every configured model, optional user-checkpoint LRU), wired with a handle."""
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
-    model = args.model
-    # A local checkpoint given relative to where the app is built is pinned so replicas find it anywhere.
-    if os.path.exists(model):
-        model = os.path.abspath(model)
+    specs = [_pin_spec(spec) for spec in args.model_specs()]
+    multiplex = args.multiplex
+    if multiplex is not None:
+        multiplex = MultiplexConfig(**{**multiplex.model_dump(), "checkpoint_root": _pinned(multiplex.checkpoint_root)})
     batching = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
-    scorer = RewardScorer.options(**{"user_config": batching, **args.scorer_options}).bind(
-        model, args.device, args.dtype, args.num_threads, args.name or args.model
-    )
-    return RewardAPI.options(**args.api_options).bind(scorer, args.limits.model_dump())
+    scorer = RewardScorer.options(**{"user_config": batching, **args.scorer_options})
+    api = RewardAPI.options(**args.api_options)
+    _check_resources(args, {"RewardScorer": scorer, "RewardAPI": api})
+    bound_scorer = scorer.bind([spec.model_dump() for spec in specs], args.device, args.dtype, args.num_threads,
+                               multiplex.model_dump() if multiplex else None)
+    return api.bind(bound_scorer, args.limits.model_dump(), args.auth.model_dump() if args.auth else None,
+                    args.cors.model_dump() if args.cors else None, args.decode_threads)
