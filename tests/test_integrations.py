@@ -110,12 +110,15 @@ def comfy():
 
 
 def call_node(package, node: str, **inputs):
-    """Run a node as ComfyUI does: inputs checked against INPUT_TYPES, getattr(node, FUNCTION)(**inputs)."""
+    """Run a node as ComfyUI does: inputs checked against INPUT_TYPES, getattr(node(), FUNCTION)(**inputs)."""
     cls = package.NODE_CLASS_MAPPINGS[node]
     spec = cls.INPUT_TYPES()
     assert not set(spec["required"]) - set(inputs), f"missing required inputs of {node}"
     assert not set(inputs) - set(spec["required"]) - set(spec.get("optional", {})), f"unknown inputs of {node}"
-    outputs = getattr(cls(), cls.FUNCTION)(**inputs)
+    import torch
+
+    with torch.inference_mode():  # ComfyUI's executor runs every node inside inference mode
+        outputs = getattr(cls(), cls.FUNCTION)(**inputs)
     assert isinstance(outputs, tuple) and len(outputs) == len(cls.RETURN_TYPES)
     return dict(zip(cls.RETURN_NAMES, outputs))
 
@@ -147,6 +150,7 @@ def test_sdwebui_infotext_score_goes_on_the_parameters_line(sd):
     assert sd.infotext_with_score("just a prompt", -1.5) == "just a prompt\nImageReward Score: -1.5000"
     assert sd.infotext_with_score("", 2.0) == "ImageReward Score: 2.0000"
     assert sd.scoring_prompt("a cat, <lora:catstyle:0.8> on a sofa <hypernet:x:1>") == "a cat,  on a sofa"
+    assert sd.parse_lower_limit(" -0.25 ") == -0.25 and sd.parse_lower_limit(0.5) == 0.5  # API callers send numbers
 
 
 def test_sdwebui_request_chunks(sd):
