@@ -1,9 +1,15 @@
 """Ray Data pipeline: Parquet comparison shards -> (better, worse) pairs -> preprocessed training rows.
 
-read_parquet -> flat_map (one row per unequal-rank pair, image bytes still encoded) -> optional seeded
-random_shuffle (moves compact PNG/JPEG bytes, not float tensors) -> map_batches with a callable class that
-decodes with `load_image`, preprocesses with THE shared `preprocess_pil`, and tokenises with a tokenizer
-loaded once per actor.
+read_parquet (local path or URI, through the filesystem of `rayapp.data.storage`) -> `expand_pair_block`
+(one row per unequal-rank pair, image bytes still encoded, built with Arrow `take`s: no per-pair Python
+objects) -> optional seeded random_shuffle (moves compact PNG/JPEG/WebP bytes, not float tensors) ->
+`preprocess_pair_batch` in map_batches *tasks*: each distinct image of a batch is decoded once, cropped with
+the shared `crop_uint8`, and the whole batch normalised at once with `normalize_uint8` (bit-identical to
+`preprocess_pil`); each distinct prompt is tokenised once with a tokenizer cached per worker process.
+
+Why tasks and not an actor pool: a lazy dataset starts its actors again on every pass (every epoch, every
+validation), which on a small host cost seconds per pass; tasks reuse Ray's warm worker processes, and the
+tokenizer cache lives in those processes. Measured with benchmarks/data_pipeline.py (docs/DATA.md).
 
 Output columns (DESIGN.md): pixels_better, pixels_worse float32 [3,S,S]; input_ids, attention_mask int64
 [max_length]; pair_kind string ("caption" / "quality" / "both" for the synthetic set, "human" otherwise);
@@ -13,106 +19,162 @@ which goes through numpy batches and keeps pair_kind / pair_id as lists of str.
 
 Resources: every data operator asks for `cpus_per_task` (default 0.25) logical CPUs, so the pipeline keeps
 running next to train workers that hold whole CPUs (Ray Data waits forever for a CPU the train workers hold).
-The test cluster has 8 logical CPUs on 2 cores; a 2-CPU cluster needs train workers of <= 0.5 CPU each.
 Nothing here collects the dataset into one process: blocks stream through the object store.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
 # the plain-Python (no Ray) views of the same data, re-exported for evaluation code
-from rayapp.data.pairs import expand_pairs, iter_pairs  # noqa: F401
+from rayapp.data.pairs import expand_pairs, iter_pairs, pair_indices, pair_kind  # noqa: F401
 from rayapp.data.shards import iter_comparisons  # noqa: F401
 
 DEFAULT_CPUS_PER_TASK = 0.25
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_ROWS_PER_BLOCK = 128  # pairs per block entering preprocessing
+DEFAULT_BATCH_SIZE = 32  # what consumers iterate with; preprocessing runs on larger blocks
+DEFAULT_ROWS_PER_BLOCK = 256  # pairs per block entering preprocessing
+DEFAULT_CONCURRENCY = 2  # preprocessing tasks at once
 OUTPUT_COLUMNS = ("pixels_better", "pixels_worse", "input_ids", "attention_mask", "pair_kind")
+REQUIRED_COLUMNS = ("id", "prompt", "images", "ranking")
+LABEL_COLUMNS = ("faithfulness", "quality")
 
 
-def _input_columns(path: str | os.PathLike) -> list[str]:
-    """Columns to read: the comparison schema, plus faithfulness/quality when the shards have them."""
+def _input(path: str | os.PathLike) -> tuple:
+    """(filesystem, Parquet files inside it, columns to read) of a shard dir (path or URI)."""
+    from rayapp.data import storage
+
+    filesystem, files = storage.list_files(path)
+    with storage.errors_named(path):
+        import pyarrow.parquet as pq
+
+        names = set(pq.ParquetFile(filesystem.open_input_file(files[0])).schema_arrow.names)
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"{storage.display(filesystem, files[0], path)}: not a comparison shard, "
+                         f"missing columns {missing}")
+    return filesystem, files, list(REQUIRED_COLUMNS) + [c for c in LABEL_COLUMNS if c in names]
+
+
+def expand_pair_block(table):
+    """Ray map_batches fn (pyarrow in and out): one row per unequal-rank pair of every prompt in the block:
+    pair_id, prompt, image_better, image_worse (encoded bytes), pair_kind."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = table["id"].to_pylist()
+    rankings = table["ranking"].to_pylist()
+    labels = {c: table[c].to_pylist() for c in LABEL_COLUMNS if c in table.column_names}
+    images = table["images"].combine_chunks()
+    # list_flatten starts at the first row's offset, which a sliced block need not have at 0
+    offsets = images.offsets.to_numpy().astype(np.int64)
+    offsets = offsets[:-1] - offsets[0]
+    rows, better, worse, pair_ids, kinds = [], [], [], [], []
+    for r, ranking in enumerate(rankings):
+        record = {c: values[r] for c, values in labels.items()}
+        for b, w in pair_indices(ranking):
+            rows.append(r)
+            better.append(offsets[r] + b)
+            worse.append(offsets[r] + w)
+            pair_ids.append(f"{ids[r]}:{b}>{w}")
+            kinds.append(pair_kind(record, b, w))
+    flat = pc.list_flatten(images)
+    return pa.table({
+        "pair_id": pa.array(pair_ids, type=pa.string()),
+        "prompt": table["prompt"].take(pa.array(rows, type=pa.int64())),
+        "image_better": flat.take(pa.array(better, type=pa.int64())),
+        "image_worse": flat.take(pa.array(worse, type=pa.int64())),
+        "pair_kind": pa.array(kinds, type=pa.string()),
+    })
+
+
+def read_pair_files(batch: dict, *, filesystem, columns: list[str]):
+    """Ray map_batches fn: read the Parquet files named in `batch["file"]` and expand them to pairs."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rayapp.data.shards import parquet_files
-
-    first = parquet_files(path)[0]
-    names = set(pq.read_schema(first).names)
-    required = ["id", "prompt", "images", "ranking"]
-    missing = [c for c in required if c not in names]
-    if missing:
-        raise ValueError(f"{first}: not a comparison shard, missing columns {missing}")
-    return required + [c for c in ("faithfulness", "quality") if c in names]
+    tables = [pq.ParquetFile(filesystem.open_input_file(str(f))).read(columns=columns) for f in batch["file"]]
+    return expand_pair_block(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
 
 
 def pair_rows(record: dict) -> list[dict]:
-    """Ray flat_map fn: one output row per unequal-rank pair, with the two images' encoded bytes."""
-    images = list(record["images"])
-    plain = {
-        "id": str(record["id"]),
-        "prompt": str(record["prompt"]),
-        "ranking": [int(r) for r in record["ranking"]],
+    """The pairs of one prompt record as dicts (same columns as `expand_pair_block`), for code without Ray."""
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist([{c: record[c] for c in (*REQUIRED_COLUMNS, *LABEL_COLUMNS) if c in record}])
+    return expand_pair_block(table).to_pylist()
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenizer(tokenizer_dir: str):
+    """The tokenizer of `tokenizer_dir`, loaded once per worker process (Ray reuses its workers)."""
+    if tokenizer_dir not in _TOKENIZERS:
+        from rayapp.model.tokenizer import load_tokenizer
+
+        _TOKENIZERS[tokenizer_dir] = load_tokenizer(tokenizer_dir)
+    return _TOKENIZERS[tokenizer_dir]
+
+
+def _crops(images, label: str, ids: list[str], image_size: int, index_of: dict, crops: list) -> np.ndarray:
+    """Indices into `crops` for each image of a column, decoding and cropping each distinct image once."""
+    from rayapp.model.images import ImageInputError, crop_uint8, load_image
+
+    out = np.empty(len(images), dtype=np.int64)
+    for i, data in enumerate(images):
+        key = bytes(data) if not isinstance(data, bytes) else data
+        position = index_of.get(key)
+        if position is None:
+            try:
+                crops.append(crop_uint8(load_image(key, i), image_size))
+            except ImageInputError as err:
+                raise ImageInputError(f"{label} of pair {ids[i]}: {err}") from err
+            position = index_of[key] = len(crops) - 1
+        out[i] = position
+    return out
+
+
+def preprocess_pair_batch(batch: dict, *, image_size: int, tokenizer_dir: str, max_length: int,
+                          with_ids: bool = False) -> dict:
+    """Ray map_batches fn (numpy in and out): decode + crop each distinct image once, normalise the batch in
+    one go, tokenise each distinct prompt once."""
+    from rayapp.model.images import normalize_uint8
+
+    ids = [str(p) for p in batch["pair_id"]]
+    index_of: dict[bytes, int] = {}
+    crops: list[np.ndarray] = []
+    better = _crops(batch["image_better"], "image_better", ids, image_size, index_of, crops)
+    worse = _crops(batch["image_worse"], "image_worse", ids, image_size, index_of, crops)
+    pixels = normalize_uint8(np.stack(crops)) if crops else np.zeros((0, 3, image_size, image_size), np.float32)
+    prompts = [str(p) for p in batch["prompt"]]
+    distinct = list(dict.fromkeys(prompts))
+    enc = _tokenizer(tokenizer_dir)(distinct, padding="max_length", truncation=True, max_length=max_length,
+                                    return_tensors="np")
+    which = {p: k for k, p in enumerate(distinct)}
+    rows = np.asarray([which[p] for p in prompts], dtype=np.int64)
+    out = {
+        "pixels_better": pixels[better],
+        "pixels_worse": pixels[worse],
+        "input_ids": enc["input_ids"].astype(np.int64)[rows],
+        "attention_mask": enc["attention_mask"].astype(np.int64)[rows],
+        "pair_kind": np.asarray([str(k) for k in batch["pair_kind"]], dtype=object),
     }
-    for name in ("faithfulness", "quality"):
-        if record.get(name) is not None:
-            plain[name] = [int(v) for v in record[name]]
-    rows = []
-    for pair in expand_pairs(plain):
-        rows.append({
-            "pair_id": f"{pair['id']}:{pair['better']}>{pair['worse']}",
-            "prompt": pair["prompt"],
-            "image_better": bytes(images[pair["better"]]),
-            "image_worse": bytes(images[pair["worse"]]),
-            "pair_kind": pair["pair_kind"],
-        })
-    return rows
+    if with_ids:
+        out["pair_id"] = np.asarray(ids, dtype=object)
+    return out
 
 
 class PairPreprocessor:
-    """map_batches callable: decode + `preprocess_pil` both images, tokenise the prompt (tokenizer loaded once)."""
+    """map_batches callable class around `preprocess_pair_batch`, for callers that want an actor pool."""
 
     def __init__(self, image_size: int, tokenizer_dir: str, max_length: int, with_ids: bool = False):
-        from rayapp.model.tokenizer import load_tokenizer
-
-        self.image_size = image_size
-        self.max_length = max_length
-        self.with_ids = with_ids
-        self.tokenizer = load_tokenizer(tokenizer_dir)
-
-    def _pixels(self, images, cache: dict, label: str) -> np.ndarray:
-        from rayapp.model.images import ImageInputError, load_image, preprocess_pil
-
-        out = []
-        for i, data in enumerate(images):
-            data = bytes(data)
-            if data not in cache:  # an image recurs in up to K-1 pairs of its prompt
-                try:
-                    cache[data] = preprocess_pil(load_image(data, i), self.image_size).numpy()
-                except ImageInputError as err:
-                    raise ImageInputError(f"{label} of pair {self._ids[i]}: {err}") from err
-            out.append(cache[data])
-        return np.stack(out).astype(np.float32, copy=False)
+        self.options = {"image_size": image_size, "tokenizer_dir": tokenizer_dir, "max_length": max_length,
+                        "with_ids": with_ids}
+        _tokenizer(tokenizer_dir)
 
     def __call__(self, batch: dict) -> dict:
-        self._ids = [str(p) for p in batch["pair_id"]]
-        cache: dict[bytes, np.ndarray] = {}
-        enc = self.tokenizer(
-            [str(p) for p in batch["prompt"]], padding="max_length", truncation=True,
-            max_length=self.max_length, return_tensors="np",
-        )
-        out = {
-            "pixels_better": self._pixels(batch["image_better"], cache, "image_better"),
-            "pixels_worse": self._pixels(batch["image_worse"], cache, "image_worse"),
-            "input_ids": enc["input_ids"].astype(np.int64),
-            "attention_mask": enc["attention_mask"].astype(np.int64),
-            "pair_kind": np.asarray([str(k) for k in batch["pair_kind"]], dtype=object),
-        }
-        if self.with_ids:
-            out["pair_id"] = np.asarray(self._ids, dtype=object)
-        return out
+        return preprocess_pair_batch(batch, **self.options)
 
 
 TENSOR_COLUMNS = ("pixels_better", "pixels_worse", "input_ids", "attention_mask")
@@ -139,15 +201,20 @@ def build_pair_rows(path: str | os.PathLike, *, shuffle_seed: int | None = None,
     """A lazy dataset of still-encoded pairs: pair_id, prompt, image_better, image_worse (bytes), pair_kind.
 
     The first half of the pipeline, also useful for batch scoring / evaluation that preprocesses itself.
+    `path` is a shard dir or file, local or a URI (the filesystem object, with its credentials, travels
+    to the read tasks).
     """
     import ray
 
-    ds = ray.data.read_parquet(os.fspath(path), columns=_input_columns(path), num_cpus=cpus_per_task)
-    ds = ds.flat_map(pair_rows, num_cpus=cpus_per_task)
+    filesystem, files, columns = _input(path)
+    # one read-and-expand task per file, listed here: read_parquet would spend a task per pass listing them
+    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(read_pair_files, fn_kwargs={"filesystem": filesystem, "columns": columns},
+                        batch_format="pyarrow", batch_size=1, num_cpus=cpus_per_task)
     if shuffle_seed is not None:
         ds = ds.random_shuffle(seed=shuffle_seed, num_cpus=cpus_per_task)
-    # one Parquet file becomes one block of ~K^2/2 pairs per prompt; smaller blocks let several
-    # preprocessing actors and both train shards work at once
+    # one Parquet file becomes one block of ~K^2/2 pairs per prompt; bounded blocks let several preprocessing
+    # tasks and both train shards work at once
     ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     # read tasks finish in any order; without this the shuffle's input order, and so its output, varies
     ds.context.execution_options.preserve_order = True
@@ -157,23 +224,32 @@ def build_pair_rows(path: str | os.PathLike, *, shuffle_seed: int | None = None,
 def build_pair_dataset(path: str | os.PathLike, *, image_size: int, tokenizer_dir: str | os.PathLike,
                        max_length: int, shuffle_seed: int | None = None, with_ids: bool = False,
                        batch_size: int = DEFAULT_BATCH_SIZE, cpus_per_task: float = DEFAULT_CPUS_PER_TASK,
-                       preprocess_actors: int | tuple[int, int] = (1, 2), preserve_order: bool = True):
-    """A lazy `ray.data.Dataset` of preprocessed (better, worse) pairs from a Parquet shard dir.
+                       concurrency: int | None = None, preprocess_actors: int | tuple[int, int] | None = None,
+                       rows_per_block: int = DEFAULT_ROWS_PER_BLOCK, preserve_order: bool = True):
+    """A lazy `ray.data.Dataset` of preprocessed (better, worse) pairs from a Parquet shard dir (path or URI).
 
     `shuffle_seed` set: a seeded full shuffle of the pairs (same order every epoch; add a per-epoch
     `local_shuffle_seed` when iterating for variety). None: file order. `preserve_order` keeps that order
-    through the parallel preprocessing actors, so a seed fixes the output order when iterating this
+    through the parallel preprocessing tasks, so a seed fixes the output order when iterating this
     dataset directly; Ray Train replaces the execution options with its DataConfig's (see
     `train_data_config`), and `streaming_split` hands blocks to whichever worker asks first.
-    `preprocess_actors`: actor count (or (min, max) autoscaling range) for decoding + preprocessing.
+    `concurrency`: preprocessing tasks at once (default 2). `preprocess_actors` (older name, int or
+    (min, max)) is read as the same bound. Preprocessing works on blocks of `max(batch_size, rows_per_block)`
+    pairs; `batch_size` is what consumers are expected to iterate with. `tokenizer_dir` may be a URI (copied
+    to a local cache once).
     """
-    ds = build_pair_rows(path, shuffle_seed=shuffle_seed, cpus_per_task=cpus_per_task,
-                         rows_per_block=max(batch_size, DEFAULT_ROWS_PER_BLOCK))
+    from rayapp.data import storage
+
+    if concurrency is None:
+        bound = preprocess_actors if preprocess_actors is not None else DEFAULT_CONCURRENCY
+        concurrency = max(bound) if isinstance(bound, tuple) else int(bound)
+    block = max(batch_size, rows_per_block)
+    ds = build_pair_rows(path, shuffle_seed=shuffle_seed, cpus_per_task=cpus_per_task, rows_per_block=block)
     ds = ds.map_batches(
-        PairPreprocessor,
-        fn_constructor_kwargs={"image_size": image_size, "tokenizer_dir": os.fspath(tokenizer_dir),
-                               "max_length": max_length, "with_ids": with_ids},
-        batch_size=batch_size, batch_format="numpy", concurrency=preprocess_actors, num_cpus=cpus_per_task,
+        preprocess_pair_batch,
+        fn_kwargs={"image_size": image_size, "tokenizer_dir": storage.local_dir(tokenizer_dir),
+                   "max_length": max_length, "with_ids": with_ids},
+        batch_size=block, batch_format="numpy", concurrency=concurrency, num_cpus=cpus_per_task,
     )
     ds.context.execution_options.preserve_order = preserve_order
     return ds
@@ -194,15 +270,17 @@ def build_train_val_datasets(data_dir: str | os.PathLike | None = None, *, image
                              shuffle_seed: int = 1234, **options) -> dict:
     """`{"train": ..., "val": ...}` for `TorchTrainer(datasets=...)`; workers read `ray.train.get_dataset_shard`.
 
-    Paths default to DATA_DIR/train, DATA_DIR/val and DATA_DIR/tokenizer (the `rayapp data synth` layout).
-    Train is shuffled with `shuffle_seed`; validation keeps file order. `options` go to `build_pair_dataset`.
+    Paths (local or URIs) default to DATA_DIR/train, DATA_DIR/val and DATA_DIR/tokenizer (the `rayapp data
+    synth` layout). Train is shuffled with `shuffle_seed`; validation keeps file order. `options` go to
+    `build_pair_dataset`.
     """
+    from rayapp.data import storage
+
     if data_dir is None and (train_path is None or val_path is None or tokenizer_dir is None):
         raise ValueError("pass data_dir, or all of train_path, val_path and tokenizer_dir")
-    root = Path(data_dir) if data_dir is not None else None
-    train_path = train_path or root / "train"
-    val_path = val_path or root / "val"
-    tokenizer_dir = tokenizer_dir or root / "tokenizer"
+    train_path = train_path or storage.join(data_dir, "train")
+    val_path = val_path or storage.join(data_dir, "val")
+    tokenizer_dir = tokenizer_dir or storage.join(data_dir, "tokenizer")
     common = {"image_size": image_size, "tokenizer_dir": tokenizer_dir, "max_length": max_length, **options}
     return {
         "train": build_pair_dataset(train_path, shuffle_seed=shuffle_seed, **common),
