@@ -5,15 +5,19 @@ Local (starts or joins a local Ray):
     python jobs/score_dataset.py --input shots/ --prompts-file shots/prompts.jsonl --output scores/ \
         --scorer ImageReward --concurrency 2 --batch-size 32
     python jobs/score_dataset.py ... --resume          # after a crash: only rows not yet written
-On a cluster (paths must be visible to the driver node):
+From and to an object store (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL or
+the default chain; gs://, abfs://, ... work the same with their packages):
+    python jobs/score_dataset.py --input s3://bucket/data/test --output s3://bucket/scores/test --resume
+On a cluster (local paths must be visible to every node; URIs always are):
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/score_dataset.py --input /shared/data --output /shared/scores --scorer ImageReward \
+        python jobs/score_dataset.py --input s3://bucket/data --output s3://bucket/scores --scorer ImageReward \
         --concurrency 4 --num-gpus 1 --dtype float16
 
 Inputs: Parquet with an image-bytes column (`--image-column`, default image) and `--prompt-column`; the
 comparison shards of `rayapp data` (one list of scores per prompt); or a folder of images + a JSONL/CSV
-prompts file with `prompt` and `path`. Output: part-*.parquet files, each input row + `score_<label>` +
-`score_error` + `_row_key`. The summary line prints rows/s and images/s.
+prompts file with `prompt` and `path`. Image cells may be bytes or Hugging Face `{"bytes", "path"}` dicts.
+Output: part-*.parquet files written by the workers, each input row + `score_<label>` + `score_error` +
+`_row_key`. The summary line prints rows/s and images/s.
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, help="Parquet file/dir, comparison shards, or an image folder")
-    p.add_argument("--output", required=True, help="output directory for part-*.parquet")
+    p.add_argument("--input", required=True,
+                   help="Parquet file/dir, comparison shards, or an image folder (local path or URI)")
+    p.add_argument("--output", required=True, help="output directory for part-*.parquet (local path or URI)")
     p.add_argument("--scorer", action="append",
                    help="[LABEL=]SPEC, repeatable (default ImageReward): ImageReward, CLIP, BLIP, Aesthetic, "
                         "NAME:tiny, or a saved model dir")
@@ -55,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from rayapp.data.storage import StorageError
     from rayapp.eval.batch_scoring import ScoreJobConfig, run_score_job
 
     config = ScoreJobConfig(
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         result = run_score_job(config)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(result.summary())

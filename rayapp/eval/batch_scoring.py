@@ -14,14 +14,21 @@ Row keys: every output row carries `_row_key`, unique and deterministic per inpu
 (folder input), or the value of `key_column` when given (must be unique). `resume=True` reads the keys
 already in the output and scores only the others.
 
+Input and output may be local paths or URIs (s3://, gs://, ...; `rayapp.data.storage`): the planner lists
+and reads footers through the filesystem, and the filesystem object (with the driver's credentials) travels
+to the actors and writers. Image cells may be bytes or Hugging Face Datasets `{"bytes", "path"}` dicts (a
+dict without bytes is read from its path, relative to the input's directory).
+
 Execution: `ray.data.from_items(units)` -> one `map_batches(ScoreActor)` stage over an actor pool
 (`concurrency` actors, `num_cpus` / `num_gpus` each); each actor loads every requested scorer once, reads its
 unit's rows itself, decodes each image once and runs each scorer in batches of `batch_size`.
 
-Writing: the driver streams the scored blocks (`iter_batches(batch_size=None)`) and writes each block to its
-own `part-<run>-<seq>.parquet` through a temporary file renamed on completion, so a crash loses at most the
-blocks in flight and never leaves a half-written part. Every output row = the input row + `score_<label>`
-(float64; NaN when the image could not be decoded) + `score_error` (null, or the reason).
+Writing: `write_datasink(ScoredPartsDatasink)`, Ray Data's writer path: the workers write their own parts,
+one `part-<run>-<task>.parquet` per write task, never the driver. On a local disk a part is written to a
+hidden temporary name and renamed when complete; on an object store an object only appears once its upload
+completes. So a crash loses at most the parts in flight and never leaves a half-written one, and `resume`
+reads the keys of the complete parts. Every output row = the input row + `score_<label>` (float64; NaN when
+the image could not be decoded) + `score_error` (null, or the reason).
 """
 from __future__ import annotations
 
@@ -32,7 +39,6 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 ROW_KEY = "_row_key"
@@ -94,66 +100,70 @@ class ScoreJobResult:
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def _parquet_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
-    if not files:
-        raise FileNotFoundError(f"no *.parquet files under {path}")
-    return files
-
-
 def detect_format(config: ScoreJobConfig) -> str:
+    """"images", "comparison" or "folder" for the input (path or URI)."""
     if config.input_format != "auto":
         if config.input_format not in ("images", "comparison", "folder"):
             raise ValueError(f"unknown input format {config.input_format!r}")
         return config.input_format
-    path = Path(config.input)
-    if path.is_dir() and not any(path.rglob("*.parquet")):
+    from rayapp.data import storage
+
+    kind = storage.file_type(config.input)
+    if kind == "missing":
+        raise FileNotFoundError(f"no input at {config.input}")
+    if kind == "dir" and not storage.list_files(config.input, missing_ok=True)[1]:
         return "folder"
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    schema = pq.read_schema(_parquet_files(path)[0])
+    schema = storage.open_parquet(storage.parquet_files(config.input)[0]).schema_arrow
     if "images" in schema.names and "ranking" in schema.names and pa.types.is_list(schema.field("images").type):
         return "comparison"
     return "images"
 
 
-def read_prompts_file(path: Path) -> list[dict]:
-    """Rows of a JSONL or CSV prompts file (each needs `prompt` and `path`)."""
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+def read_prompts_file(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSONL or CSV prompts file (each needs `prompt` and `path`), local or URI."""
+    import io
+
+    from rayapp.data import storage
+
+    text = storage.read_bytes(path).decode("utf-8")
+    if os.fspath(path).lower().endswith(".csv"):
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
     else:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not row.get("prompt") or not row.get("path"):
-            raise ValueError(f"{path}:{number}: each line needs non-empty 'prompt' and 'path'")
+            raise ValueError(f"{os.fspath(path)}:{number}: each line needs non-empty 'prompt' and 'path'")
     return rows
 
 
-def _folder_prompts_file(config: ScoreJobConfig) -> Path:
+def _folder_prompts_file(config: ScoreJobConfig) -> str:
+    from rayapp.data import storage
+
     if config.prompts_file:
-        return Path(config.prompts_file)
+        return config.prompts_file
     for name in ("prompts.jsonl", "prompts.csv"):
-        candidate = Path(config.input) / name
-        if candidate.is_file():
+        candidate = storage.join(config.input, name)
+        if storage.file_type(candidate) == "file":
             return candidate
     raise FileNotFoundError(f"folder input {config.input} needs --prompts-file (or prompts.jsonl / prompts.csv in it)")
 
 
 def plan_units(config: ScoreJobConfig, fmt: str, done: set[str]) -> tuple[list[dict], int, int]:
     """Read units of at most `rows_per_block` rows not yet done; returns (units, rows_todo, rows_skipped)."""
+    from rayapp.data import storage
+
     units: list[dict] = []
     todo = skipped = 0
     step = max(1, config.rows_per_block)
     if fmt == "folder":
         prompts_file = _folder_prompts_file(config)
+        name = os.path.basename(prompts_file.rstrip("/"))
         rows = read_prompts_file(prompts_file)
         pending = []
         for number, row in enumerate(rows, start=1):
-            key = str(row[config.key_column]) if config.key_column else f"{prompts_file.name}:{number}"
+            key = str(row[config.key_column]) if config.key_column else f"{name}:{number}"
             if key in done:
                 skipped += 1
                 continue
@@ -162,12 +172,12 @@ def plan_units(config: ScoreJobConfig, fmt: str, done: set[str]) -> tuple[list[d
             units.append({"kind": "rows", "file": "", "group": -1, "rows": json.dumps(pending[start:start + step]),
                           "keys": "[]"})
         return units, len(pending), skipped
-    import pyarrow.parquet as pq
-
-    root = Path(config.input)
-    for file in _parquet_files(root):
-        rel = file.name if root.is_file() else os.fspath(file.relative_to(root))
-        parquet = pq.ParquetFile(file)
+    filesystem, files = storage.list_files(config.input)
+    root = storage.resolve(config.input)[1]
+    for file in files:
+        rel = os.path.basename(file) if file == root else os.path.relpath(file, root)
+        with storage.errors_named(config.input):
+            parquet = pq_file(filesystem, file)
         if config.key_column:
             keys = [str(k) for k in parquet.read(columns=[config.key_column])[config.key_column].to_pylist()]
         else:
@@ -180,34 +190,61 @@ def plan_units(config: ScoreJobConfig, fmt: str, done: set[str]) -> tuple[list[d
             todo += len(wanted)
             for start in range(0, len(wanted), step):
                 chunk = wanted[start:start + step]
-                units.append({"kind": "parquet", "file": os.fspath(file), "group": group,
+                units.append({"kind": "parquet", "file": file, "group": group,
                               "rows": json.dumps(chunk), "keys": json.dumps([keys[offset + i] for i in chunk])})
             offset += count
     return units, todo, skipped
 
 
-def read_unit(unit: dict) -> Any:
+def pq_file(filesystem, path: str):
+    """`pyarrow.parquet.ParquetFile` of `path` inside `filesystem` (None: a local path)."""
+    import pyarrow.parquet as pq
+
+    if filesystem is None:
+        return pq.ParquetFile(path)
+    return pq.ParquetFile(filesystem.open_input_file(path))
+
+
+def read_unit(unit: dict, filesystem=None) -> Any:
     """One planned unit -> a pyarrow Table of its input rows + `_row_key` (runs inside the actor)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if str(unit["kind"]) == "rows":
         return pa.Table.from_pylist(json.loads(str(unit["rows"])))
     rows = json.loads(str(unit["rows"]))
-    table = pq.ParquetFile(str(unit["file"])).read_row_group(int(unit["group"]))
+    table = pq_file(filesystem, str(unit["file"])).read_row_group(int(unit["group"]))
     table = table.take(pa.array(rows, type=pa.int64()))
     return table.append_column(ROW_KEY, pa.array(json.loads(str(unit["keys"])), type=pa.string()))
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def decode_all(images: list) -> tuple[list, list[str | None]]:
+def _readable(item: Any, base: str | None, filesystem) -> Any:
+    """An image cell as `load_image` takes it: a relative path, or an image dict without bytes, is read
+    (relative to `base`) through `filesystem`; everything else passes through."""
+    from rayapp.model.images import is_hf_image
+
+    path = item.get("path") if is_hf_image(item) and item.get("bytes") is None else item
+    if not isinstance(path, str) or base is None:
+        return item
+    from rayapp.data import storage
+
+    full = path if (os.path.isabs(path) or storage.is_uri(path)) else storage.join(base, path)
+    if not storage.is_uri(full):
+        return full  # load_image reads local files itself (and names a missing one)
+    try:
+        return storage.read_bytes(full)
+    except FileNotFoundError:
+        return full  # reported by load_image as "no such file"
+
+
+def decode_all(images: list, base: str | None = None, filesystem=None) -> tuple[list, list[str | None]]:
     """Decode every image input once (PIL); undecodable ones become None with the reason."""
     from rayapp.model.images import ImageInputError, load_image
 
     decoded, errors = [], []
     for index, item in enumerate(images):
         try:
-            decoded.append(load_image(item, index))
+            decoded.append(load_image(_readable(item, base, filesystem), index))
             errors.append(None)
         except ImageInputError as err:
             decoded.append(None)
@@ -217,10 +254,15 @@ def decode_all(images: list) -> tuple[list, list[str | None]]:
 
 class ScoreActor:
     """Ray Data actor: loads every scorer once; per call reads one planned unit, decodes each image once,
-    and adds one `score_<label>` column per scorer plus `score_error`."""
+    and adds one `score_<label>` column per scorer plus `score_error`.
+
+    `folder`: the image folder (folder input) or the input's directory (relative image paths of Parquet
+    input); `filesystem`: where the planned Parquet files live (None: local paths).
+    """
 
     def __init__(self, specs: list[str], fmt: str, image_column: str, prompt_column: str, folder: str | None,
-                 batch_size: int, device: str | None, dtype: str | None, tokenizer: str | None):
+                 batch_size: int, device: str | None, dtype: str | None, tokenizer: str | None,
+                 filesystem=None, drop_columns: tuple[str, ...] = ()):
         import torch
 
         from rayapp.eval.scorers import load_scorer, parse_spec
@@ -230,15 +272,20 @@ class ScoreActor:
         self.specs = [parse_spec(s) for s in specs]
         self.scorers = [load_scorer(s, device=device, dtype=dtype, tokenizer=tokenizer) for s in self.specs]
         self.fmt, self.image_column, self.prompt_column = fmt, image_column, prompt_column
-        self.folder = Path(folder) if folder else None
+        self.folder = None if folder is None else os.fspath(folder)
         self.batch_size = batch_size
+        self.filesystem = filesystem
+        self.drop_columns = tuple(drop_columns)
 
     def __call__(self, batch: dict):
         import pyarrow as pa
 
         count = len(batch["kind"])
-        tables = [self.score_table(read_unit({k: v[i] for k, v in batch.items()})) for i in range(count)]
-        return pa.concat_tables(tables) if count > 1 else tables[0]
+        tables = [self.score_table(read_unit({k: v[i] for k, v in batch.items()}, self.filesystem))
+                  for i in range(count)]
+        table = pa.concat_tables(tables) if count > 1 else tables[0]
+        dropped = [c for c in self.drop_columns if c in table.column_names]
+        return table.drop_columns(dropped) if dropped else table
 
     def score_table(self, table):
         import pyarrow as pa
@@ -250,12 +297,10 @@ class ScoreActor:
             flat_images = [img for images in lists for img in images]
         else:
             lengths = [1] * table.num_rows
-            if self.fmt == "folder":
-                flat_images = [os.fspath(self.folder / p) for p in table["path"].to_pylist()]
-            else:
-                flat_images = table[self.image_column].to_pylist()
+            column = "path" if self.fmt == "folder" else self.image_column
+            flat_images = table[column].to_pylist()
         flat_prompts = [p for p, n in zip(prompts, lengths) for _ in range(n)]
-        decoded, errors = decode_all(flat_images)
+        decoded, errors = decode_all(flat_images, self.folder, self.filesystem)
         good = [i for i, img in enumerate(decoded) if img is not None]
         row_errors, pos = [], 0
         for n in lengths:
@@ -282,109 +327,181 @@ class ScoreActor:
 
 
 # ------------------------------------------------------------------------------------------ output
-def existing_keys(output: Path) -> set[str]:
-    """Row keys already written (complete part files only; temporary files are removed)."""
-    import pyarrow.parquet as pq
+def _part_name(name: str) -> bool:
+    return name.startswith("part-") and name.endswith(".parquet")
+
+
+def output_parts(output: str | os.PathLike) -> list[str]:
+    """The complete part files of an output dir (local paths or URIs), sorted."""
+    from rayapp.data import storage
+
+    filesystem, entries = storage.list_entries(output)
+    return [storage.display(filesystem, inner, output) for name, kind, inner in entries
+            if kind == "file" and _part_name(name)]
+
+
+def existing_keys(output: str | os.PathLike) -> set[str]:
+    """Row keys already written (complete part files only; leftover temporary files are removed)."""
+    from rayapp.data import storage
 
     keys: set[str] = set()
-    if not output.is_dir():
-        return keys
-    for tmp in output.glob(".tmp-*"):
-        tmp.unlink()
-    for part in sorted(output.glob("part-*.parquet")):
-        keys.update(pq.read_table(part, columns=[ROW_KEY])[ROW_KEY].to_pylist())
+    filesystem, entries = storage.list_entries(output)
+    for name, kind, inner in entries:
+        if kind == "file" and name.startswith(".tmp-"):
+            filesystem.delete_file(inner)
+    for part in output_parts(output):
+        keys.update(storage.open_parquet(part).read(columns=[ROW_KEY])[ROW_KEY].to_pylist())
     return keys
 
 
 def read_scored(output: str | os.PathLike, columns: list[str] | None = None):
-    """All part files of an output directory as one pyarrow Table."""
+    """All part files of an output directory (path or URI) as one pyarrow Table."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    parts = sorted(Path(output).glob("part-*.parquet"))
+    from rayapp.data import storage
+
+    parts = output_parts(output)
     if not parts:
-        raise FileNotFoundError(f"no part-*.parquet files in {output}")
-    return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts], promote_options="default")
+        raise FileNotFoundError(f"no part-*.parquet files in {os.fspath(output)}")
+    return pa.concat_tables([storage.open_parquet(p).read(columns=columns) for p in parts],
+                            promote_options="default")
 
 
-def _prepare_output(config: ScoreJobConfig) -> Path:
-    output = Path(config.output)
-    if output.exists() and any(output.glob("part-*.parquet")) and not config.resume:
+def _prepare_output(config: ScoreJobConfig) -> None:
+    from rayapp.data import storage
+
+    storage.ensure_writable_dir(config.output)  # a missing bucket / bad credentials fail here, naming the URI
+    parts = output_parts(config.output)
+    if parts and not config.resume:
         if not config.overwrite:
-            raise FileExistsError(f"{output} already holds part files; pass --resume to continue or --overwrite")
-        for part in output.glob("part-*.parquet"):
-            part.unlink()
-    output.mkdir(parents=True, exist_ok=True)
-    return output
+            raise FileExistsError(f"{config.output} already holds part files; pass --resume to continue or --overwrite")
+        for part in parts:
+            storage.delete_file(part)
+
+
+def make_datasink(output: str, run_id: str, fmt: str, count_column: str):
+    """A `ray.data.Datasink` whose write tasks each write their blocks as one `part-<run_id>-<task>.parquet`
+    under `output` (path or URI) and return its counts; built here so that importing this module needs no Ray."""
+    from ray.data import Datasink
+
+    from rayapp.data import storage
+
+    filesystem, directory = storage.resolve(output)
+    local = not storage.is_uri(output)
+
+    class ScoredPartsDatasink(Datasink):
+        def __init__(self):
+            self.stats: list[dict] = []
+
+        def write(self, blocks, ctx) -> dict:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            from ray.data.block import BlockAccessor
+
+            tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+            tables = [t for t in tables if t.num_rows]
+            if not tables:
+                return {"rows": 0, "images": 0, "errors": 0, "file": None, "written_at": time.time()}
+            table = pa.concat_tables(tables, promote_options="default")
+            name = f"part-{run_id}-{ctx.task_idx:06d}.parquet"
+            final = f"{directory.rstrip('/')}/{name}"
+            # local disks: write aside, then rename, so a killed writer never leaves a readable half part;
+            # object stores publish an object only when its upload completes
+            target = f"{directory.rstrip('/')}/.tmp-{name}" if local else final
+            pq.write_table(table, target, filesystem=filesystem)
+            if local:
+                filesystem.move(target, final)
+            if fmt == "comparison":
+                import pyarrow.compute as pc
+
+                images = int(pc.sum(pc.list_value_length(table[count_column])).as_py() or 0)
+            else:
+                images = table.num_rows
+            return {"rows": table.num_rows, "images": images, "errors": table.num_rows - table[ERROR_COLUMN].null_count,
+                    "file": storage.display(filesystem, final, output), "written_at": time.time()}
+
+        def on_write_complete(self, write_result) -> None:
+            self.stats = [r for r in write_result.write_returns if r and r["file"]]
+
+    return ScoredPartsDatasink()
+
+
+def _crash_when_parts_exist(output: str, run_id: str, count: int) -> None:
+    """Test hook: a thread that kills this driver (os._exit(17)) once `count` parts of this run exist."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            mine = [p for p in output_parts(output) if f"part-{run_id}-" in p]
+            if len(mine) >= count:
+                os._exit(17)  # simulated crash for the resume test: no cleanup, actors die with the driver
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True, name="crash-hook").start()
 
 
 # ---------------------------------------------------------------------------------------------- job
 def run_score_job(config: ScoreJobConfig) -> ScoreJobResult:
     """Plan, score and write; connects to Ray (RAY_ADDRESS / an existing connection / a local instance)."""
-    import pyarrow.parquet as pq
     import ray
 
+    from rayapp.data import storage
     from rayapp.eval.scorers import parse_spec
 
     specs = [parse_spec(s) for s in config.scorers]
     if len({s.column for s in specs}) != len(specs):
         raise ValueError(f"two scorers share a column name: {[s.column for s in specs]}; label them LABEL=SPEC")
     fmt = detect_format(config)
-    output = _prepare_output(config)
-    done = existing_keys(output) if config.resume else set()
-    units, todo, skipped = plan_units(config, fmt, done)
+    _prepare_output(config)
+    done = existing_keys(config.output) if config.resume else set()
+    units, _todo, skipped = plan_units(config, fmt, done)
     started = time.perf_counter()
-    result = ScoreJobResult(os.fspath(output), 0, 0, skipped, 0, 0.0, [])
+    wall_start = time.time()
+    result = ScoreJobResult(os.fspath(config.output), 0, 0, skipped, 0, 0.0, [])
     if not units:
-        print(f"nothing to score: {skipped} rows already in {output}")
+        print(f"nothing to score: {skipped} rows already in {config.output}")
         return result
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    folder = os.fspath(Path(config.input)) if fmt == "folder" else None
+    input_filesystem = storage.resolve(config.input)[0] if fmt != "folder" else None
+    if fmt == "folder":
+        base = config.input
+    else:
+        kind = storage.file_type(config.input)
+        base = config.input if kind == "dir" else (
+            config.input.rsplit("/", 1)[0] if storage.is_uri(config.input) else os.path.dirname(
+                os.path.abspath(config.input)))
+    drop = tuple(c for c in (config.image_column, "images") if config.drop_images)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(
         ScoreActor,
-        fn_constructor_kwargs=dict(specs=[s.to_string() for s in specs], fmt=fmt, image_column=config.image_column,
-                                   prompt_column=config.prompt_column, folder=folder, batch_size=config.batch_size,
-                                   device=config.device, dtype=config.dtype, tokenizer=config.tokenizer),
+        fn_constructor_kwargs={"specs": [s.to_string() for s in specs], "fmt": fmt,
+                               "image_column": config.image_column, "prompt_column": config.prompt_column,
+                               "folder": base, "batch_size": config.batch_size, "device": config.device,
+                               "dtype": config.dtype, "tokenizer": config.tokenizer, "filesystem": input_filesystem,
+                               "drop_columns": drop},
         batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=config.concurrency),
         num_cpus=config.num_cpus, num_gpus=config.num_gpus or None,
     )
-    crash_after = int(os.environ.get(CRASH_AFTER_ENV, "0") or 0)
     run_id = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=todo, desc="rows scored", unit="row", disable=not config.progress)
+    sink = make_datasink(config.output, run_id, fmt, specs[0].column)
+    crash_after = int(os.environ.get(CRASH_AFTER_ENV, "0") or 0)
+    if crash_after:
+        _crash_when_parts_exist(config.output, run_id, crash_after)
+    context = ray.data.DataContext.get_current()
+    shown = context.enable_progress_bars
+    context.enable_progress_bars = config.progress
     try:
-        for seq, block in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)):
-            if block.num_rows == 0:
-                continue
-            images = _count_images(block, fmt)
-            if config.drop_images:
-                block = block.drop_columns([c for c in (config.image_column, "images") if c in block.column_names])
-            part = output / f"part-{run_id}-{seq:06d}.parquet"
-            tmp = output / f".tmp-{part.name}"
-            pq.write_table(block, tmp)
-            os.replace(tmp, part)
-            result.files.append(os.fspath(part))
-            result.rows_written += block.num_rows
-            result.images_scored += images
-            result.errors += block.num_rows - block[ERROR_COLUMN].null_count
-            bar.update(block.num_rows)
-            if len(result.files) == 1:
-                result.first_block_s = time.perf_counter() - started
-            if crash_after and len(result.files) >= crash_after:
-                bar.close()
-                os._exit(17)  # simulated crash for the resume test: no cleanup, actors die with the driver
+        with storage.errors_named(config.output):
+            ds.write_datasink(sink)
     finally:
-        bar.close()
+        context.enable_progress_bars = shown
+    for stat in sorted(sink.stats, key=lambda s: s["written_at"]):
+        result.files.append(stat["file"])
+        result.rows_written += stat["rows"]
+        result.images_scored += stat["images"]
+        result.errors += stat["errors"]
+    if sink.stats:
+        result.first_block_s = min(s["written_at"] for s in sink.stats) - wall_start
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _count_images(block, fmt: str) -> int:
-    if fmt == "comparison":
-        import pyarrow.compute as pc
-
-        return int(pc.sum(pc.list_value_length(block["images"])).as_py() or 0)
-    return block.num_rows
