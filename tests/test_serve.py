@@ -107,6 +107,7 @@ def test_serve_run_offline_config(ray_cluster, serve_manager, tiny_rm_dir, tmp_p
     # A second application asking for a GPU this CPU cluster lacks: it must fail at once, saying so.
     gpu_app = yaml.safe_load(yaml.safe_dump(config["applications"][0]))
     gpu_app.update(name="gpu", route_prefix="/gpu")
+    gpu_app["args"]["name"] = "gpu-model"  # a builder cannot tell two applications with equal args apart
     gpu_app["deployments"][0]["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1}
     config["applications"].append(gpu_app)
     path = tmp_path / "rm_cpu_local.yaml"

@@ -11,6 +11,7 @@ from rayapp.serve.config import AppArgs, ModelSpec, MultiplexConfig
 from rayapp.serve.models import is_uri
 from rayapp.serve.resources import (
     DeploymentDemand,
+    UnschedulableError,
     check_application,
     initial_replicas,
     replica_resources,
@@ -37,28 +38,31 @@ def _pin_spec(spec: ModelSpec) -> ModelSpec:
     return spec.model_copy(update={"source": _pinned(spec.source), "options": options})
 
 
-def _config_overrides(args: AppArgs) -> dict[str, dict]:
-    """`deployments:` of the Serve config being deployed with these args (Serve applies them after the build).
+def _config_overrides(args: AppArgs) -> list[dict[str, dict]]:
+    """`deployments:` of the Serve config(s) being deployed with these args (Serve applies them after the build).
 
-    Read from the controller, which stores the config before it starts the build; {} when built outside a
-    config deploy (serve.run, `serve run module:build_app`).
+    Read from the controller, which stores the config before it starts the build. The build does not learn its
+    application's name, so every application now deploying with equal args is a candidate; [] when built
+    outside a config deploy (serve.run, `serve run module:build_app`).
     """
+    candidates = []
     try:
         from ray.serve.context import _get_global_client
 
         client = _get_global_client(raise_if_no_controller_running=False)
         if client is None:
-            return {}
+            return []
         for details in client.get_serve_details().get("applications", {}).values():
             config = details.get("deployed_app_config") or {}
             if config.get("import_path") != IMPORT_PATH or details.get("status") not in ("DEPLOYING", "NOT_STARTED"):
                 continue
             if AppArgs.model_validate(config.get("args") or {}) == args:
                 # Unset options may come back as None: they do not override the code's values.
-                return {d["name"]: {k: v for k, v in d.items() if v is not None} for d in config.get("deployments") or []}
+                candidates.append({d["name"]: {k: v for k, v in d.items() if v is not None}
+                                   for d in config.get("deployments") or []})
     except Exception:  # noqa: BLE001 -- private controller API; the check then uses the code's options only
         logger.debug("could not read the deployed config's overrides", exc_info=True)
-    return {}
+    return candidates
 
 
 def _demand(name: str, deployment, override: dict) -> DeploymentDemand:
@@ -81,9 +85,27 @@ def _check_resources(args: AppArgs, deployments: dict) -> None:
 
     if args.resource_check.mode == "off" or not ray.is_initialized():
         return
-    overrides = _config_overrides(args)
+    candidates = _config_overrides(args) or [{}]
+    mode = args.resource_check.mode
+    if len(candidates) > 1 and mode != "warn":
+        # Several applications deploy these very args: fail only if none of them could run, else warn.
+        failures = []
+        for overrides in candidates:
+            try:
+                _check_one(deployments, overrides, mode, args.resource_check.wait_s)
+            except UnschedulableError as err:
+                failures.append(err)
+        if len(failures) == len(candidates):
+            raise failures[0]
+        for err in failures:
+            logger.warning("one of %d applications with these args cannot be scheduled: %s", len(candidates), err)
+        return
+    _check_one(deployments, candidates[0], mode, args.resource_check.wait_s)
+
+
+def _check_one(deployments: dict, overrides: dict, mode: str, wait_s: float) -> None:
     demands = [_demand(name, deployment, overrides.get(name, {})) for name, deployment in deployments.items()]
-    check_application(demands, args.resource_check.mode, args.resource_check.wait_s)
+    check_application(demands, mode, wait_s)
 
 
 def build_app(args: AppArgs) -> Application:

@@ -7,7 +7,9 @@ error that names the deployment, what it asked for and what the cluster has.
 """
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 
@@ -15,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 # Keys of node resources that say nothing about capacity for a replica.
 _IGNORED = ("node:", "accelerator_type:", "object_store_memory")
+_READONLY_NODE_TYPE = re.compile(r"^node_[0-9a-f]{16,}$")
 
 
 class UnschedulableError(RuntimeError):
@@ -103,25 +106,30 @@ def cluster_nodes() -> list[dict]:
 
 
 def autoscaler_node_types() -> list[dict] | None:
-    """Resources of the node types an autoscaler may add ([] for an autoscaler of unknown types); None: none."""
-    node_types = None
+    """Resources of the node types an autoscaler may add ([] for an autoscaler of unknown types); None: none.
+
+    Autoscaler v2 (KubeRay, `ray up` with v2) keeps its node groups in the GCS. A v1 autoscaler only shows in
+    its status report, as node types with real names; a plain `ray start` cluster has a read-only monitor
+    whose node types are the nodes' own ids (`node_<id>`), i.e. no autoscaler.
+    """
     try:
         from ray._private.state import state
 
         config = state.get_cluster_config()
-        if config is not None:
-            node_types = [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
+        if config is not None and config.node_group_configs:
+            return [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
     except Exception:  # noqa: BLE001 -- private API; absent or changed means "unknown"
         logger.debug("could not read the autoscaler's cluster config", exc_info=True)
-    if node_types is None:
-        try:
-            from ray.experimental.internal_kv import _internal_kv_get
+    try:
+        from ray.experimental.internal_kv import _internal_kv_get
 
-            if _internal_kv_get("__autoscaling_status"):
-                node_types = []
-        except Exception:  # noqa: BLE001
-            logger.debug("could not read the autoscaler status", exc_info=True)
-    return node_types
+        status = json.loads(_internal_kv_get("__autoscaling_status") or b"{}")
+        mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+        if any(not _READONLY_NODE_TYPE.match(str(node_type)) for node_type in mapping.values()):
+            return []
+    except Exception:  # noqa: BLE001
+        logger.debug("could not read the autoscaler status", exc_info=True)
+    return None
 
 
 def check_application(demands: list[DeploymentDemand], mode: str = "auto", wait_s: float = 0.0) -> None:
