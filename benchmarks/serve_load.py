@@ -1,24 +1,27 @@
-"""Serve load: N concurrent loopback clients against the reward endpoint, dynamic batching vs max batch size 1.
+"""Serving overhead: end-to-end images/s through HTTP divided by the library's batched images/s, same run.
 
-    python benchmarks/serve_load.py                                  # tiny model, 32 clients, CPU
-    python benchmarks/serve_load.py --clients 8 32 --requests 640 --max-batch-size 32
-    python benchmarks/serve_load.py --model runs/rm/model            # a real checkpoint
-    python benchmarks/serve_load.py --preset imagereward-v1 --device cuda --dtype bfloat16 --num-gpus 1
-    python benchmarks/serve_load.py --set vision_num_layers=12 text_num_layers=12   # a model-bound CPU case
+    python benchmarks/serve_load.py                         # full-size ImageReward (random weights), bf16, CPU,
+                                                            # 1 replica, 32 clients: a few minutes on 2 cores
+    python benchmarks/serve_load.py --preset tiny --requests 960 --library-images 960   # the serving stack alone
+    python benchmarks/serve_load.py --device cuda --num-gpus 1 --max-batch-size 64 --requests 2048 --library-images 2048
+    python benchmarks/serve_load.py --route score            # base64 JSON /v1/score instead of raw-bytes /v1/score_batch
 
-Starts its own local Ray (or joins --address), serves the model with a fixed number of replicas, and
-sends a fixed number of one-prompt requests from N asyncio clients on 127.0.0.1. Each setting is
-measured twice over the same replicas: with dynamic batching (max_batch_size B) and with max batch
-size 1 (the batching user_config is applied live; the model is not reloaded). Prints requests/s,
-images/s, p50/p99 latency and the mean forward-pass size. Figures only, no assertions.
+Same model, same images, same machine, one after the other:
+  library  `model.score(prompt, png_bytes, batch_size=B)` in this process (decode + preprocess + forward), torch
+           threads = the replica's;
+  serving  `--clients` asyncio clients (httpx, keep-alive) each posting `--images-per-request` PNGs to the
+           endpoint (Serve proxy -> RewardAPI: read, decode, resize -> RewardScorer: dynamic batching, forward).
+Prints both rates and their ratio (goal >= 0.8), p50/p99 latency and mean batch size, then where the serving
+wall time went: the model replica's forward time (from its own counters), the share of it, and the rest.
+Figures only, no assertions.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import io
 import json
+import os
 import socket
 import statistics
 import sys
@@ -28,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "two", "three", "red", "green", "blue", "yellow", "circle", "square", "triangle", "small", "large", "photo"]
+WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "two", "three", "red", "green", "blue", "yellow",
+         "circle", "square", "triangle", "small", "large", "photo"]
 PROMPT = "a photo of two red circles on a blue square"
 
 
@@ -38,95 +42,121 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_model_dir(preset: str, out: Path, overrides: dict) -> Path:
+def make_model_dir(preset: str, out: Path) -> Path:
     """A random-weight checkpoint of the preset's shape (throughput does not depend on the weights)."""
     import rayapp
     from rayapp.model.tokenizer import build_wordpiece_tokenizer
 
-    # A small WordPiece vocab on disk: no hub download; its ids fit every preset's embedding.
     tokenizer = build_wordpiece_tokenizer(WORDS, save_dir=out / "tokenizer")
-    rayapp.create_model(preset, tokenizer=tokenizer, seed=0, **overrides).save_pretrained(out / "model")
+    rayapp.create_model(preset, tokenizer=tokenizer, seed=0).save_pretrained(out / "model")
     return out / "model"
 
 
-def make_images(n: int, side: int) -> list[str]:
+def make_images(n: int, side: int) -> list[bytes]:
+    """PNG bytes of smooth gradients plus noise: about the size of generated images, not worst-case noise."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:side, 0:side] / side
     out = []
     for _ in range(n):
+        base = np.stack([np.sin(6 * x * rng.random() + rng.random() * 6) for _ in range(3)], -1) * 0.35 + 0.5
+        pixels = np.clip(base * (1 - y[..., None] * rng.random()) + rng.normal(0, 0.03, base.shape), 0, 1)
         buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)).save(buf, format="PNG")
-        out.append(base64.b64encode(buf.getvalue()).decode())
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
     return out
 
 
-async def run_load(url: str, clients: int, requests: int, images: list[str], per_request: int) -> dict:
-    """`clients` coroutines share a fixed budget of `requests`; returns throughput and latency figures."""
-    import aiohttp
+def library_rate(model_dir: str, images: list[bytes], n: int, batch_size: int, dtype: str, device: str,
+                 threads: int) -> float:
+    """Images/s of rayapp's batched scoring from PNG bytes (decode + preprocess + forward), after a warm-up."""
+    import torch
 
-    latencies: list[float] = []
-    batch_sizes: list[int] = []
-    errors = 0
-    remaining = requests
+    import rayapp
 
-    async def client(session: aiohttp.ClientSession, k: int) -> None:
+    torch.set_num_threads(threads)
+    model = rayapp.load(model_dir, device=device, dtype=dtype)
+    work = [images[i % len(images)] for i in range(n)]
+    model.score(PROMPT, work[:min(4, n)], batch_size=batch_size)  # first-call kernel set-up
+    start = time.perf_counter()
+    model.score(PROMPT, work, batch_size=batch_size)
+    rate = n / (time.perf_counter() - start)
+    del model
+    return rate
+
+
+async def run_load(url: str, clients: int, requests: int, images: list[bytes], per_request: int, route: str) -> dict:
+    """`clients` coroutines share a budget of `requests`; returns throughput and latency figures."""
+    import base64
+
+    import httpx
+
+    from rayapp.serve import wire
+
+    latencies, batch_sizes, errors, remaining = [], [], 0, requests
+    encoded = [base64.b64encode(img).decode() for img in images] if route == "score" else None
+
+    async def client(http: httpx.AsyncClient, k: int) -> None:
         nonlocal remaining, errors
         i = k
         while remaining > 0:
             remaining -= 1
-            body = {"prompt": PROMPT, "images": [images[(i + j) % len(images)] for j in range(per_request)]}
+            chosen = [(i + j) % len(images) for j in range(per_request)]
             i += clients
             t0 = time.perf_counter()
-            async with session.post(f"{url}/v1/score", json=body) as resp:
-                data = await resp.json()
-            if resp.status != 200:
+            if route == "score":
+                resp = await http.post("/v1/score", json={"prompt": PROMPT, "images": [encoded[c] for c in chosen]})
+            else:
+                body = wire.encode_pairs([PROMPT] * per_request, [images[c] for c in chosen])
+                resp = await http.post("/v1/score_batch", content=body, headers={"Content-Type": wire.CONTENT_TYPE})
+            if resp.status_code != 200:
                 errors += 1
                 continue
             latencies.append(time.perf_counter() - t0)
-            batch_sizes.append(data["batch_size"])
+            batch_sizes.append(resp.json()["batch_size"])
 
-    conn = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(1800.0), limits=limits) as http:
         start = time.perf_counter()
-        await asyncio.gather(*[client(session, k) for k in range(clients)])
+        await asyncio.gather(*[client(http, k) for k in range(clients)])
         elapsed = time.perf_counter() - start
     lat = sorted(latencies)
     ok = len(lat)
     return {
-        "req_s": ok / elapsed,
-        "img_s": ok * per_request / elapsed,
-        "p50_ms": 1000 * lat[ok // 2] if ok else float("nan"),
-        "p99_ms": 1000 * lat[min(ok - 1, int(ok * 0.99))] if ok else float("nan"),
+        "img_s": ok * per_request / elapsed, "req_s": ok / elapsed, "seconds": elapsed, "errors": errors,
+        "p50_s": lat[ok // 2] if ok else float("nan"), "p99_s": lat[min(ok - 1, int(ok * 0.99))] if ok else float("nan"),
         "mean_batch": statistics.fmean(batch_sizes) if batch_sizes else float("nan"),
-        "errors": errors,
-        "seconds": elapsed,
     }
+
+
+def scorer_stats() -> dict:
+    """The model replica's own totals (forward seconds, images, batches) for the default model."""
+    from ray import serve
+
+    info = serve.get_deployment_handle("RewardScorer", "rm").info.remote().result(timeout_s=120)
+    return info["models"][0]["stats"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="checkpoint dir / .pt to serve (default: random weights of --preset)")
-    parser.add_argument("--preset", default="tiny", help="preset for the random-weight model (default: tiny)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON",
-                        help="override preset fields of the random-weight model, e.g. vision_num_layers=12")
-    parser.add_argument("--clients", type=int, nargs="+", default=[32], help="concurrent clients (default: 32)")
-    parser.add_argument("--requests", type=int, default=480, help="requests per measurement (default: 480)")
-    parser.add_argument("--images-per-request", type=int, default=1)
-    parser.add_argument("--image-side", type=int, default=256, help="pixels per side of the sent PNGs")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="the dynamic-batching setting")
-    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
-    parser.add_argument("--replicas", type=int, default=1, help="model replicas (fixed, no autoscaling)")
-    parser.add_argument("--api-replicas", type=int, default=1)
-    parser.add_argument("--replica-cpus", type=float, default=1.0)
-    parser.add_argument("--num-threads", type=int, default=None, help="torch threads per model replica")
-    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica")
+    parser.add_argument("--preset", default="imagereward-v1", help="random-weight model shape (default: full size)")
+    parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating on/off measurements per client count")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients (default: 32)")
+    parser.add_argument("--requests", type=int, default=64, help="requests measured (default: 64, after a warm-up)")
+    parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument("--library-images", type=int, default=64, help="images in the library measurement")
+    parser.add_argument("--image-side", type=int, default=512, help="pixels per side of the PNGs sent")
+    parser.add_argument("--route", choices=["score_batch", "score"], default="score_batch")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="serving batch = library batch size")
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.05)
+    parser.add_argument("--num-threads", type=int, default=os.cpu_count() or 2, help="torch threads (both sides)")
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs for the model replica")
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
-    parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray (default: 8)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
 
     import ray
@@ -135,54 +165,60 @@ def main() -> None:
     from rayapp.serve.app import AppArgs, build_app
 
     tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
-    model = args.model or str(make_model_dir(args.preset, tmp, overrides))
-    images = make_images(64, args.image_side)
+    t0 = time.perf_counter()
+    model = args.model or str(make_model_dir(args.preset, tmp))
+    images = make_images(32, args.image_side)
+    print(f"model={args.model or args.preset + ' (random weights)'} dtype={args.dtype} device={args.device} "
+          f"threads={args.num_threads} image={args.image_side}px (~{statistics.fmean(map(len, images)) / 1024:.0f} KiB "
+          f"PNG) batch={args.max_batch_size} clients={args.clients} requests={args.requests} "
+          f"images/request={args.images_per_request} route=/v1/{args.route}  (set-up {time.perf_counter() - t0:.0f} s)",
+          flush=True)
+
+    lib = library_rate(model, images, args.library_images, args.max_batch_size, args.dtype, args.device,
+                       args.num_threads)
+    print(f"library  rayapp score(batch_size={args.max_batch_size}): {lib:8.2f} img/s", flush=True)
+
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-
-    def deploy(max_batch_size: int) -> None:
+    try:
         app_args = AppArgs(
-            model=model, device=args.device, dtype=args.dtype, num_threads=args.num_threads,
-            max_batch_size=max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
-            limits={"max_images": max(32, args.images_per_request), "max_request_bytes": 1 << 30},
-            scorer_options={"num_replicas": args.replicas, "max_ongoing_requests": 256,
-                            "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.num_gpus}},
-            api_options={"num_replicas": args.api_replicas},
+            model=model, name="bench", device=args.device, dtype=args.dtype, num_threads=args.num_threads,
+            max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
+            limits={"max_images": max(32, args.images_per_request), "max_batch_pairs": max(256, args.images_per_request),
+                    "max_request_bytes": 1 << 30},
+            scorer_options={"num_replicas": 1, "max_ongoing_requests": 4 * args.clients,
+                            "ray_actor_options": {"num_cpus": 1, "num_gpus": args.num_gpus}},
+            api_options={"num_replicas": 1, "max_ongoing_requests": 4 * args.clients},
         )
         serve.run(build_app(app_args), name="rm", route_prefix="/")
-
-    print(f"model={args.model or args.preset + ' (random weights)'}{' ' + ' '.join(args.set) if args.set else ''} "
-          f"device={args.device} dtype={args.dtype} replicas={args.replicas} api_replicas={args.api_replicas} "
-          f"requests={args.requests} images/request={args.images_per_request} image={args.image_side}px "
-          f"rounds={args.rounds}")
-    print(f"{'clients':>7} {'max_batch':>9} {'round':>5} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'mean batch':>10} {'errors':>6}")
-    try:
-        for clients in args.clients:
-            rates: dict[int, list[float]] = {args.max_batch_size: [], 1: []}
-            # Alternating rounds, so drift in machine load hits both settings alike.
-            for rnd in range(1, args.rounds + 1):
-                for max_batch in (args.max_batch_size, 1):
-                    deploy(max_batch)
-                    # Warm-up outside the measurement (first forward, connection set-up).
-                    asyncio.run(run_load(url, clients, clients * 2, images, args.images_per_request))
-                    r = asyncio.run(run_load(url, clients, args.requests, images, args.images_per_request))
-                    rates[max_batch].append(r["req_s"])
-                    print(f"{clients:>7} {max_batch:>9} {rnd:>5} {r['req_s']:>8.1f} {r['img_s']:>8.1f} "
-                          f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['mean_batch']:>10.2f} {r['errors']:>6}",
-                          flush=True)
-            on, off = statistics.median(rates[args.max_batch_size]), statistics.median(rates[1])
-            print(f"{clients:>7} clients: median {on:.1f} req/s with dynamic batching vs {off:.1f} req/s at max batch "
-                  f"size 1 = {on / off:.2f}x", flush=True)
+        # Warm-up: first forward passes and connections, outside the measurement.
+        asyncio.run(run_load(url, args.clients, args.clients, images, args.images_per_request, args.route))
+        before = scorer_stats()
+        r = asyncio.run(run_load(url, args.clients, args.requests, images, args.images_per_request, args.route))
+        after = scorer_stats()
     finally:
         serve.shutdown()
         ray.shutdown()
+
+    forward = after["forward_seconds"] - before["forward_seconds"]
+    replica_rate = (after["images"] - before["images"]) / forward if forward else float("nan")
+    ratio = r["img_s"] / lib
+    print(f"serving  HTTP, {args.clients} clients:            {r['img_s']:8.2f} img/s  ({r['req_s']:.2f} req/s, "
+          f"p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, mean batch {r['mean_batch']:.1f}, errors {r['errors']})")
+    print(f"overhead ratio serving / library = {ratio:.3f}  (goal >= 0.8)")
+    print(f"where the serving time went: {r['seconds']:.1f} s wall; the model replica computed for {forward:.1f} s "
+          f"({100 * forward / r['seconds']:.0f}%) at {replica_rate:.2f} img/s inside the replica "
+          f"({replica_rate / lib:.2f}x the library rate); the rest is request handling, decoding and waiting for "
+          "batches", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "library_img_s": lib, "serving": r, "ratio": ratio, "replica_forward_s": forward,
+            "replica_img_s": replica_rate, "args": vars(args)}, indent=2))
 
 
 if __name__ == "__main__":

@@ -149,6 +149,9 @@ class ModelRunner:
         self.metrics = metrics
         self.details = describe(model)
         self._max_batch_size = int(max_batch_size)
+        self.forward_seconds = 0.0  # totals since start: what benchmarks/serve_load.py reads to place the time
+        self.images_scored = 0
+        self.batches = 0
         # serve.batch keeps its queue per decorated function, so each runner decorates its own bound method.
         self._enqueue = serve.batch(max_batch_size=self._max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                                     batch_size_fn=count_images)(self._run_batch)
@@ -172,7 +175,9 @@ class ModelRunner:
     def info(self) -> dict:
         """What the ingress needs to preprocess and what /v1/models reports for this model."""
         return {"id": self.model_id, **self.details, "max_batch_size": self.max_batch_size,
-                "batch_wait_timeout_s": self.batch_wait_timeout_s}
+                "batch_wait_timeout_s": self.batch_wait_timeout_s,
+                "stats": {"forward_seconds": self.forward_seconds, "images": self.images_scored,
+                          "batches": self.batches}}
 
     async def score(self, pixels: np.ndarray, prompts: list[str]) -> dict:
         """Rewards for pixels[i] (uint8 [N,S,S,3]) under prompts[i], split into batch-sized parts."""
@@ -205,8 +210,12 @@ class ModelRunner:
         # Off the event loop, so the next batch fills while this one runs.
         started = time.perf_counter()
         scores = await asyncio.to_thread(self._forward, pixels, prompts)
+        seconds = time.perf_counter() - started
+        self.forward_seconds += seconds
+        self.images_scored += len(scores)
+        self.batches += 1
         if self.metrics is not None:
-            self.metrics.observe_batch(self.model_id, scores, len(items), time.perf_counter() - started)
+            self.metrics.observe_batch(self.model_id, scores, len(items), seconds)
         out, start = [], 0
         for p, _ in items:
             n = p.shape[0]
