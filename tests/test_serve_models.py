@@ -123,3 +123,24 @@ def test_user_checkpoints_load_on_first_use_and_are_evicted_past_n(serve_app):
     assert loaded == [SERVE_TEST_CHECKPOINTS[-1], first], loaded
     # The configured models were never touched by the LRU.
     score_json(serve_app.url, prompt, images[:1]).raise_for_status()
+
+
+def test_checkpoint_ids_stay_under_the_root_and_uris_resolve(tmp_path, tiny_rm_dir):
+    import os
+    import shutil
+
+    from rayapp.serve.models import ModelNotFoundError, fetch_uri, is_uri, resolve_checkpoint
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny_rm_dir, root / "team" / "good")
+    os.symlink(tiny_rm_dir, root / "team" / "escape")  # a link inside the root to a checkpoint outside it
+    good = os.fspath((root / "team" / "good").resolve())
+    assert resolve_checkpoint(str(root), "team/good") == good
+    for bad in ("team/escape", "../outside", "team/../../outside", "/etc", "team//good", "team/missing"):
+        with pytest.raises(ModelNotFoundError):
+            resolve_checkpoint(str(root), bad)
+    # URIs: file:// resolves in place; an object-store root joins the id to the prefix.
+    assert is_uri("s3://b/x") and is_uri("file:///x") and not is_uri("runs/rm/model") and not is_uri("https://x")
+    assert resolve_checkpoint("s3://bucket/ckpts/", "team/run-1") == "s3://bucket/ckpts/team/run-1"
+    assert resolve_checkpoint(f"file://{root}", "team/good") == good
+    assert fetch_uri(f"file://{tiny_rm_dir}") == tiny_rm_dir
