@@ -25,32 +25,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CASES = {
     # 30 tiny updates stay inside the first epoch's data start-up on a 2-core host (37.8 / 46.6 pairs/s there
     # against ~120 over a full run); 120 leaves several steady windows after the excluded first one.
-    "tiny": {"batch_pairs_per_worker": 16, "steps": 120, "window": 10},
-    "imagereward-v1": {"batch_pairs_per_worker": 1, "steps": 4, "window": 2},
+    "tiny": {"preset": "offline", "train_batch_size": 16, "steps": 120, "window": 10},
+    "imagereward-v1": {"preset": "imagereward-v1", "train_batch_size": 1, "steps": 4, "window": 2},
 }
 
 
 def run_case(preset: str, workers: int, data_dir: Path, steps: int | None, use_gpu: bool) -> dict:
     """Train `steps` updates and return the steady-state pairs/s and the wall time."""
-    from rayapp.train.config import RMTrainConfig
-    from rayapp.train.rm_trainer import train_reward_model
+    from rayapp.rm import RMTrainConfig, train_reward_model
 
     case = CASES[preset]
     steps = steps or case["steps"]
     with tempfile.TemporaryDirectory(prefix="rayapp-bench-") as out:
-        config = RMTrainConfig(
-            preset=preset, data_dir=str(data_dir), output_dir=out, num_workers=workers, use_gpu=use_gpu,
-            batch_pairs_per_worker=case["batch_pairs_per_worker"], grad_accum=1, max_steps=steps,
-            log_every_steps=case["window"], eval_every_steps=10**9, cpus_per_worker=1.0,
-            fix_rate=0.7 if preset != "tiny" else 0.0, warmup_steps=0,
+        config = RMTrainConfig.from_preset(
+            case["preset"], data_dir=str(data_dir), output_dir=out, num_workers=workers, use_gpu=use_gpu,
+            train_batch_size=case["train_batch_size"], gradient_accumulation_steps=1, max_steps=steps,
+            log_every=case["window"], eval_every=10**9, warmup_steps=0,
         )
         started = time.time()
-        result = train_reward_model(config, log=lambda line: None)
+        result = train_reward_model(config)
         wall = time.time() - started
     windows = [h["pairs_per_s"] for h in result.history if h.get("pairs_per_s")]
     steady = windows[1:] or windows
     return {"preset": preset, "workers": workers, "updates": steps,
-            "pairs_per_update": case["batch_pairs_per_worker"] * workers,
+            "pairs_per_update": case["train_batch_size"] * workers,
             "pairs_per_s": sum(steady) / len(steady), "wall_s": wall}
 
 
@@ -63,9 +61,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from rayapp.data.synth import write_synthetic_set
-    from rayapp.train.common import local_ray_init
+    from rayapp.runtime.cluster import connect
 
-    local_ray_init()
+    connect()
     rows = []
     with tempfile.TemporaryDirectory(prefix="rayapp-bench-data-") as data:
         write_synthetic_set(Path(data) / "set", prompts=200, per_prompt=4, seed=0, progress=False)

@@ -38,9 +38,7 @@ def serve_and_query(model_dir: Path, test_dir: Path, port: int) -> None:
 
     record = next(iter_comparisons(test_dir))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(model=str(model_dir), device="cpu", num_threads=1,
-                                scorer_options={"ray_actor_options": {"num_cpus": 1}})),
-              name="rm", route_prefix="/")
+    serve.run(build_app(AppArgs(model=str(model_dir), device="cpu", num_threads=1)), name="rm", route_prefix="/")
     try:
         url = f"http://127.0.0.1:{port}"
         http_scores = RewardClient(url, timeout=120).score(record["prompt"], record["images"])

@@ -4,8 +4,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 # Libraries whose INFO/WARNING chatter a user of the jobs cannot act on; `--verbose` lets it through.
+RAY_DATA_QUIET_CONFIG = os.path.join(os.path.dirname(__file__), "runtime", "ray_data_logging.yaml")
 NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.serve", "deepspeed", "DeepSpeed", "torch.distributed",
                  "transformers", "diffusers", "filelock", "urllib3", "httpx")
 
@@ -13,8 +15,7 @@ NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.serve", "deepspeed", "Deep
 def setup_logging(verbose: bool = False) -> None:
     """rayapp's INFO lines to stderr as plain text; other libraries at WARNING (ERROR unless verbose).
 
-    Also sets the environment variables Ray workers and DeepSpeed read, so that worker processes started
-    after this call stay as quiet as the driver.
+    Also sets the verbosity variables transformers and diffusers read, for processes started after this call.
     """
     root = logging.getLogger("rayapp")
     if not any(getattr(h, "_rayapp", False) for h in root.handlers):
@@ -27,15 +28,21 @@ def setup_logging(verbose: bool = False) -> None:
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:
-        os.environ.setdefault("RAYAPP_QUIET", "1")
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_QUIET_CONFIG)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        warnings.filterwarnings("ignore", module=r"ray\.")  # tuning hints about Ray's own operators
 
 
-def quiet_worker_logs() -> None:
-    """In a Ray worker: apply the driver's quiet setting (RAYAPP_QUIET travels in the runtime env)."""
-    if os.environ.get("RAYAPP_QUIET") == "1":
-        setup_logging(verbose=False)
-    else:
-        setup_logging(verbose=True)
+def quiet_ray_process() -> None:
+    """Ray `worker_process_setup_hook`: Ray Data (and DeepSpeed) log errors only to this process's console.
+
+    Ray Data configures its loggers when first imported, from RAY_DATA_LOGGING_CONFIG; Ray Train's controller
+    configures its own when it starts and still says which workers it starts.
+    """
+    os.environ["RAY_DATA_LOGGING_CONFIG"] = RAY_DATA_QUIET_CONFIG
+    import ray.data  # noqa: F401
+
+    for name in ("ray.data", "ray.train", "ray.tune", "deepspeed", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -110,7 +110,7 @@ def test_job_submit_trains_and_writes_a_loadable_model(ray_cluster, tmp_path):
     cmd = [
         str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster.dashboard_url,
         "--working-dir", ".", "--", sys.executable, "jobs/train_rm.py", "--synth-prompts", "100",
-        "--output-dir", str(out), "--max-steps", "3", "--log-every-steps", "1", "--num-workers", "2",
+        "--output-dir", str(out), "--max-steps", "3", "--log-every", "1", "--num-workers", "2",
     ]
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr

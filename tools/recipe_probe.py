@@ -27,8 +27,8 @@ import rayapp
 from rayapp.data import synth
 from rayapp.data.pairs import expand_pairs
 from rayapp.data.shards import iter_comparisons
-from rayapp.train.common import lr_lambda
-from rayapp.train.rm_loop import pair_loss
+from rayapp.rm.loop import pair_loss
+from rayapp.runtime.engine import lr_lambda
 
 
 def load_split(model, split_dir: Path):

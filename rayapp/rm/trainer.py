@@ -223,7 +223,7 @@ def train_reward_model(config: RMTrainConfig, *, callbacks: Sequence[UpdateCallb
 
     `callbacks` are called on every rank before and after each update (see rayapp.runtime.callbacks).
     """
-    cluster.connect()
+    cluster.connect(verbose)
     if not verbose:
         cluster.quiet_data_progress_bars()
     config, data_dir, tokenizer, plan = prepare(config)

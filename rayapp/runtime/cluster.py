@@ -18,16 +18,25 @@ class ResourceRequestError(RuntimeError):
     """The cluster can never satisfy what a job or deployment asked for."""
 
 
-def connect(**kwargs) -> None:
-    """Connect to RAY_ADDRESS (set under `ray job submit`) or start a local Ray sized like this machine."""
+def connect(verbose: bool = False, **kwargs) -> None:
+    """Connect to RAY_ADDRESS (set under `ray job submit`) or start a local Ray sized like this machine.
+
+    Unless `verbose`, every Ray process of the job (train controller, workers, Ray Data coordinators) starts with
+    `rayapp.logs.quiet_ray_process`: their INFO lines repeat what the loops' own progress lines say.
+    """
     import ray
+
+    from rayapp.logs import setup_logging
 
     if ray.is_initialized():
         return
+    if not verbose:
+        kwargs.setdefault("runtime_env", {"worker_process_setup_hook": "rayapp.logs.quiet_ray_process"})
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
         ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+    setup_logging(verbose)  # importing Ray re-configures its loggers: apply our levels again
 
 
 def cluster_capacity() -> tuple[dict[str, float], list[dict[str, float]]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable, Iterable
 
@@ -90,6 +91,8 @@ def initialize_engine(model: torch.nn.Module, config: TrainingConfig, *, total_s
     The LR schedule is a torch LambdaLR handed to DeepSpeed, which steps it once per update and keeps its state
     in DeepSpeed checkpoints (DeepSpeed's WarmupCosineLR refuses zero warm-up, the reference's choice).
     """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on every worker that it guessed CPU
     import deepspeed
 
     if not torch.cuda.is_available():
