@@ -18,6 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from rayapp.envcheck import require_job_dependencies  # noqa: E402
+
+require_job_dependencies("jobs/offline_pipeline.py")
+
 
 def _job(name: str):
     """Import a sibling job script as a module, so each stage runs exactly what its own job runs."""

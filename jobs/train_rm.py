@@ -19,6 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from rayapp.envcheck import require_job_dependencies  # noqa: E402
+
+require_job_dependencies("jobs/train_rm.py")
+
 logger = logging.getLogger("rayapp.jobs.train_rm")
 
 
