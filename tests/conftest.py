@@ -123,11 +123,10 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A small WordPiece vocabulary written to disk, as tests build for the tiny preset."""
     from rayapp.model.tokenizer import build_wordpiece_tokenizer
 
-    words = (
-        "a an the of on in with and two three one four red green blue yellow white black purple orange "
-        "circle circles square squares triangle triangles small large big background photo picture cat dog "
-        "sunset over mountains painting portrait city night"
-    ).split()
+    from rayapp.data.synth import vocabulary
+    from rayapp.diffusion.tiny import EXAMPLE_PROMPT_WORDS
+
+    words = [*vocabulary(), *EXAMPLE_PROMPT_WORDS]
     out = tmp_path_factory.mktemp("tiny_tokenizer")
     build_wordpiece_tokenizer(words, save_dir=out)
     return out
