@@ -91,10 +91,10 @@ make_host() {
 
 start_node() {
     # `ray start --block` inside the namespace, in its own session so its PID is also its process group.
-    local node="$1" ip_addr="$2" cpus="$3" dir role_args
+    local node="$1" dir role_args ip_addr cpus
     dir="$STATE/nodes/$node"
-    mkdir -p "$dir/temp"
-    echo "$ip_addr" > "$dir/ip"
+    ip_addr="$(cat "$dir/ip")"
+    cpus="$(cat "$dir/cpus")"
     if [[ "$node" == head ]]; then
         role_args=(--head "--port=$GCS_PORT" "--dashboard-host=$ip_addr" "--dashboard-port=$DASHBOARD_PORT"
                    --include-dashboard=true)
@@ -110,8 +110,18 @@ start_node() {
         HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false \
         "$VENV/bin/ray" start --block "${role_args[@]}" "--node-ip-address=$ip_addr" "--num-cpus=$cpus" \
         --num-gpus=0 "--object-store-memory=$((OBJECT_STORE_MB * 1024 * 1024))" "--temp-dir=$dir/temp" \
-        --disable-usage-stats >"$dir/node.log" 2>&1 < /dev/null &
+        --disable-usage-stats >>"$dir/node.log" 2>&1 < /dev/null &
     echo "$!" > "$dir/pid"
+}
+
+new_node() {
+    # A host for a node: its namespace, address and CPU count on record (node dir), Ray not started yet.
+    local node="$1" ip_addr="$2" cpus="$3" dir
+    dir="$STATE/nodes/$node"
+    mkdir -p "$dir/temp"
+    echo "$ip_addr" > "$dir/ip"
+    echo "$cpus" > "$dir/cpus"
+    make_host "$node" "$ip_addr"
 }
 
 alive_node_ips() {
@@ -120,25 +130,46 @@ alive_node_ips() {
         | jq -r '.data.result.result[] | select(.state == "ALIVE") | .node_ip' 2>/dev/null || true
 }
 
+FAILED_NODES=()
+
 wait_for_nodes() {
-    # Until every IP given is an ALIVE node, or TIMEOUT_S; a node whose `ray start` exited fails at once.
-    local deadline=$((SECONDS + TIMEOUT_S)) alive missing node
+    # Until every node given is ALIVE in Ray (returns 0), or one's `ray start` exited or TIMEOUT_S passed
+    # (returns 1 with those nodes in FAILED_NODES).
+    local deadline=$((SECONDS + TIMEOUT_S)) alive node
     while true; do
         alive="$(alive_node_ips)"
-        missing=0
+        FAILED_NODES=()
+        local missing=()
         for node in "$@"; do
-            grep -qx "$(node_ip "$node")" <<<"$alive" || missing=1
+            grep -qx "$(node_ip "$node")" <<<"$alive" && continue
+            missing+=("$node")
+            kill -0 "$(cat "$STATE/nodes/$node/pid")" 2>/dev/null || FAILED_NODES+=("$node")
         done
-        [[ "$missing" == 0 ]] && return 0
-        for node in "$@"; do
-            if ! kill -0 "$(cat "$STATE/nodes/$node/pid")" 2>/dev/null; then
-                tail -n 20 "$STATE/nodes/$node/node.log" >&2 || true
-                die "node $node's ray start exited; log: $STATE/nodes/$node/node.log"
-            fi
-        done
-        (( SECONDS < deadline )) || die "nodes $* not all alive after ${TIMEOUT_S}s; logs: $STATE/nodes/*/node.log"
+        (( ${#missing[@]} == 0 )) && return 0
+        if (( ${#FAILED_NODES[@]} )) || (( SECONDS >= deadline )); then
+            (( ${#FAILED_NODES[@]} )) || FAILED_NODES=("${missing[@]}")
+            return 1
+        fi
         sleep 2
     done
+}
+
+start_nodes() {
+    # Start the nodes' Ray and wait until they are alive; a node that fails to come up (e.g. "timed out during
+    # startup" on an overloaded machine: Ray gives a raylet 30 s to register) is restarted once.
+    local attempt node pending=("$@")
+    for attempt in 1 2; do
+        for node in "${pending[@]}"; do start_node "$node"; done
+        wait_for_nodes "${pending[@]}" && return 0
+        pending=("${FAILED_NODES[@]}")
+        for node in "${pending[@]}"; do
+            say "node $node did not come up (attempt $attempt); last lines of $STATE/nodes/$node/node.log:"
+            tail -n 15 "$STATE/nodes/$node/node.log" >&2 || true
+            kill -KILL -- "-$(cat "$STATE/nodes/$node/pid")" 2>/dev/null || true
+            kill_namespace "$(node_ns "$node")"
+        done
+    done
+    die "nodes ${pending[*]} did not come up; logs: $STATE/nodes/*/node.log"
 }
 
 next_worker() {
@@ -149,12 +180,12 @@ next_worker() {
 }
 
 add_worker() {
+    # Creates the next worker host (not started); prints its name.
     local node k
     node="$(next_worker)"
     k="${node#w}"
     (( k <= 200 )) || die "too many worker nodes"
-    make_host "$node" "$SUBNET.$((10 + k))"
-    start_node "$node" "$SUBNET.$((10 + k))" "$WORKER_CPUS"
+    new_node "$node" "$SUBNET.$((10 + k))" "$WORKER_CPUS"
     echo "$node"
 }
 
@@ -166,14 +197,13 @@ cmd_up() {
     cmd_down >/dev/null 2>&1 || true  # leftovers of an interrupted run
     mkdir -p "$STATE/nodes"
     make_bridge
-    make_host head "$(head_ip)"
-    start_node head "$(head_ip)" "$HEAD_CPUS"
-    wait_for_nodes head
+    new_node head "$(head_ip)" "$HEAD_CPUS"
+    start_nodes head
     local workers=() i
     for ((i = 0; i < WORKERS; i++)); do
         workers+=("$(add_worker)")
     done
-    wait_for_nodes head "${workers[@]}"
+    (( WORKERS == 0 )) || start_nodes "${workers[@]}"
     cmd_status
     echo
     echo "dashboard / job submission address: http://$(head_ip):$DASHBOARD_PORT"
@@ -186,7 +216,7 @@ cmd_add_worker() {
     [[ -e "$STATE/nodes/head" ]] || die "cluster '$NAME' is not up"
     local node
     node="$(add_worker)"
-    wait_for_nodes "$node"
+    start_nodes "$node"
     echo "$node $(node_ip "$node")"
 }
 

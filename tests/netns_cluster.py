@@ -242,24 +242,72 @@ class NetnsCluster:
         return "\n".join(out)
 
 
-class LoopbackHead:
-    """`ray start --head` on 127.0.0.1 with the machine's real CPU count, stopped by its process group.
+class PrivateLoopback:
+    """A place with its own loopback: a bare network namespace as root, else this host's (shared) loopback.
 
-    As root it runs in a private network namespace: its loopback is its own, so the default ports (6379,
-    8265, Serve's 8000) are free whatever else runs on this machine; CLIs reach it through `runner`.
+    In a namespace, fixed ports (Ray's 6379 / 8265, Serve's 8000) are free whatever else runs on this machine.
+    Processes are started through `runner`; `close` SIGKILLs whatever still runs inside and deletes it.
     """
 
-    def __init__(self, name: str, num_cpus: int | None = None):
-        self.name = name
-        self.num_cpus = num_cpus or os.cpu_count() or 1
-        self.namespace = f"{name}-lo" if netns_unavailable_reason() is None else None
-        self.temp_dir = Path(f"/tmp/rlh-{name}")
-        self.process: subprocess.Popen | None = None
-        self.ports = {"gcs": 6379, "dashboard": 8265}
+    def __init__(self, name: str):
+        self.namespace = name if netns_unavailable_reason() is None else None
 
     @property
     def runner(self) -> list[str]:
         return ["ip", "netns", "exec", self.namespace] if self.namespace else []
+
+    def open(self) -> PrivateLoopback:
+        if self.namespace:
+            atexit.register(self.close)
+            subprocess.run(["ip", "netns", "delete", self.namespace], capture_output=True, timeout=30, check=False)
+            subprocess.run(["ip", "netns", "add", self.namespace], check=True, timeout=30)
+            subprocess.run([*self.runner, "ip", "link", "set", "lo", "up"], check=True, timeout=30)
+        return self
+
+    def run(self, argv: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+        """Run a command here (captured output, bounded)."""
+        return subprocess.run([*self.runner, *argv], capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, check=False, **kwargs)
+
+    def get(self, url: str, timeout: float = 10) -> tuple[int, str]:
+        """HTTP GET from here: (status, body); status 0 when nothing answered."""
+        result = self.run(["curl", "-s", "-m", str(timeout), "-o", "-", "-w", "\n%{http_code}", url],
+                          timeout=timeout + 10)
+        body, _, code = result.stdout.rpartition("\n")
+        return int(code or 0), body
+
+    def close(self) -> None:
+        if not self.namespace:
+            return
+        for _ in range(10):
+            pids = subprocess.run(["ip", "netns", "pids", self.namespace], capture_output=True, text=True,
+                                  timeout=10, check=False).stdout.split()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+        subprocess.run(["ip", "netns", "delete", self.namespace], capture_output=True, timeout=30, check=False)
+
+
+class LoopbackHead(PrivateLoopback):
+    """`ray start --head` on 127.0.0.1 with the machine's real CPU count, stopped by its process group.
+
+    Started from `cwd` (as a user starts it from the checkout: workers then resolve relative paths there),
+    in a private loopback (see PrivateLoopback); CLIs reach it through `runner`.
+    """
+
+    def __init__(self, name: str, num_cpus: int | None = None, cwd: Path | None = None):
+        super().__init__(f"{name}-lo")
+        self.name = name
+        self.num_cpus = num_cpus or os.cpu_count() or 1
+        self.cwd = cwd
+        self.temp_dir = Path(f"/tmp/rlh-{name}")
+        self.process: subprocess.Popen | None = None
+        self.ports = {"gcs": 6379, "dashboard": 8265}
 
     @property
     def dashboard_url(self) -> str:
@@ -269,26 +317,11 @@ class LoopbackHead:
     def gcs_address(self) -> str:
         return f"127.0.0.1:{self.ports['gcs']}"
 
-    def run(self, argv: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
-        """Run a command where the head's loopback is (inside its namespace when there is one)."""
-        return subprocess.run([*self.runner, *argv], capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, **kwargs, check=False)
-
-    def get(self, url: str, timeout: float = 10) -> tuple[int, str]:
-        """HTTP GET on the head's loopback: (status, body); status 0 when nothing answered."""
-        result = self.run(["curl", "-s", "-m", str(timeout), "-o", "-", "-w", "\n%{http_code}", url],
-                          timeout=timeout + 10)
-        body, _, code = result.stdout.rpartition("\n")
-        return int(code or 0), body
-
     def start(self, timeout: float = 180) -> LoopbackHead:
         atexit.register(self.stop)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         self.temp_dir.mkdir(parents=True)
-        if self.namespace:
-            subprocess.run(["ip", "netns", "delete", self.namespace], capture_output=True, timeout=30, check=False)
-            subprocess.run(["ip", "netns", "add", self.namespace], check=True, timeout=30)
-            subprocess.run([*self.runner, "ip", "link", "set", "lo", "up"], check=True, timeout=30)
+        self.open()
         extra_ports = []
         if not self.namespace:
             # Shared loopback: every port Ray would otherwise take by default must be a free one.
@@ -301,8 +334,9 @@ class LoopbackHead:
                    "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={self.num_cpus}",
                    "--num-gpus=0", f"--temp-dir={self.temp_dir}/t", "--disable-usage-stats", *extra_ports]
         with open(self.temp_dir / "head.log", "w") as log:
-            self.process = subprocess.Popen(command, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+            self.process = subprocess.Popen(command, cwd=self.cwd, env=cli_env(), stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
 
         def ready() -> bool:
             if self.process.poll() is not None:
@@ -325,17 +359,5 @@ class LoopbackHead:
         if self.process is not None:
             stop_process_group(self.process, grace_s=20)
             self.process = None
-        if self.namespace:
-            for _ in range(10):
-                pids = subprocess.run(["ip", "netns", "pids", self.namespace], capture_output=True, text=True,
-                                      timeout=10, check=False).stdout.split()
-                if not pids:
-                    break
-                for pid in pids:
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                time.sleep(0.5)
-            subprocess.run(["ip", "netns", "delete", self.namespace], capture_output=True, timeout=30, check=False)
+        self.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)

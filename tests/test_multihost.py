@@ -259,7 +259,7 @@ def test_score_dataset_runs_actors_on_both_worker_hosts(cluster, work_dir, tiny_
     from rayapp.data.synth import write_synthetic_set
 
     data = work_dir / "score-data"
-    write_synthetic_set(data, prompts=40, per_prompt=3, seed=3, progress=False, overwrite=True)
+    write_synthetic_set(data, prompts=80, per_prompt=3, seed=3, progress=False, overwrite=True)
     worker_ips = {ip for ip in cluster.alive_nodes().values() if ip != cluster.head_ip}
     job = submit_job(cluster.dashboard_url, [
         "python", "jobs/score_dataset.py", "--input", str(data / "test"), "--output", str(work_dir / "scores"),
@@ -273,7 +273,7 @@ def test_score_dataset_runs_actors_on_both_worker_hosts(cluster, work_dir, tiny_
     ray_job_id = http_json(f"{cluster.dashboard_url}/api/jobs/{job.submission_id}")["job_id"]
     actors = [a for a in cluster.actors(job_id=ray_job_id) if "ScoreActor" in a.get("class_name", "")]
     nodes = cluster.all_nodes()
-    actor_ips = sorted(nodes.get(a["address"]["node_id"], "?") for a in actors)
+    actor_ips = sorted(nodes.get(a.get("node_id"), "?") for a in actors)
     assert len(actors) == 2, f"expected 2 scoring actors, found {[a.get('class_name') for a in actors]}"
     assert set(actor_ips) == worker_ips, f"scoring actors on {actor_ips}, worker hosts are {sorted(worker_ips)}"
 
@@ -359,7 +359,7 @@ def test_serve_replicas_on_two_hosts_score_through_head_and_worker_proxies(serve
     assert len(set(scorer_ips)) == 2, f"both model replicas on one host: {scorer_ips}"
     worker_proxy = next(ip for ip in scorer_ips if ip != cluster.head_ip)  # a host with a replica has a proxy
     prompt = "two small red circles on a white background"
-    expected = rayapp.load(str(tiny_rm_dir), device="cpu").score(prompt, [io.BytesIO(i) for i in sample_images])
+    expected = rayapp.load(str(tiny_rm_dir), device="cpu").score(prompt, list(sample_images))
     for host in (cluster.head_ip, worker_proxy):
         got = score_over_http(host, prompt, sample_images)
         assert got == pytest.approx(expected, abs=1e-4), f"scores through {host}'s proxy"
@@ -368,7 +368,7 @@ def test_serve_replicas_on_two_hosts_score_through_head_and_worker_proxies(serve
 class LoadClients:
     """Bounded HTTP load: `n` threads each sending one request at a time through one proxy, every outcome kept."""
 
-    def __init__(self, host: str, images: list[bytes], n: int = 4):
+    def __init__(self, host: str, images: list[bytes], n: int = 3):
         self.host, self.images, self.n = host, images, n
         self.lock = threading.Lock()
         self.in_flight = 0
@@ -425,13 +425,17 @@ def test_serve_loses_only_in_flight_requests_when_a_replica_host_dies(serve_app,
     failures = [o for o in load.outcomes if not o[2]]
     after_ok = [o for o in load.outcomes if o[0] > t_kill and o[2]]
     first_ok_after = min((o[1] for o in after_ok), default=float("nan")) - t_kill
-    print(f"\n[serve] killed {victim} ({victim_ip}); replacement {replacement} alive after {t_replacement:.1f} s; "
+    print(f"\n[serve] RewardScorer replicas on {scorer_ips}, then {running_replica_ips(cluster, 'RewardScorer')}; "
+          f"RewardAPI replicas now on {running_replica_ips(cluster, 'RewardAPI')}")
+    print(f"[serve] killed {victim} ({victim_ip}); replacement {replacement} alive after {t_replacement:.1f} s; "
           f"2 RUNNING replicas again after {t_back:.1f} s; {len(load.outcomes)} requests "
           f"({len(before)} before the kill), {len(failures)} failed, {in_flight_at_kill} in flight at the kill; "
           f"first success completed {first_ok_after:.1f} s after the kill; failures: "
           f"{sorted({f[3] for f in failures})[:5]}")
     assert before and all(o[2] for o in before if o[1] < t_kill), "requests failed before the kill"
     assert after_ok, "no request succeeded after the kill"
+    sent_after = [f for f in failures if f[0] > t_kill]
+    assert not sent_after, f"{len(sent_after)} requests sent after the host died failed: {sent_after[:5]}"
     assert len(failures) <= in_flight_at_kill, (
         f"{len(failures)} requests failed, only {in_flight_at_kill} were in flight when the host died: "
         f"{[f[3] for f in failures][:10]}")
