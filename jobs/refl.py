@@ -9,6 +9,10 @@ On a cluster (see README "Ray clusters"; the prompt file travels with --working-
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/refl.py --preset sd15 --prompts prompts.json --pretrain-data s3://bucket/laion_subset \
         --num-workers 8 --output-dir /shared/refl --storage-path /shared/refl/ray
+SDXL (LoRA rank 4 by default, `--lora-rank 0` for the full UNet; 1024 px; the reference's SDXL recipe), and
+the other objectives (`--objective draft-k --draft-k 2`, `draft-lv --draft-lv-samples 4`, `alignprop`):
+    python jobs/refl.py --preset sdxl --pretrained /models/sdxl-base --prompts prompts.json ...
+    python jobs/refl.py --preset offline-sdxl --objective alignprop      # offline: the tiny SDXL pipeline
 Prints the mean held-out reward before and after, and the paths of the last grid PNG and the reward curve.
 Every ReFLConfig field is a flag (`--help`); `--resume-from CHECKPOINT` continues a run's update count;
 `--config runs/refl/config.json` repeats a run.
@@ -31,8 +35,10 @@ TRAINED_TINY_RM_DATA = Path("runs/rm/data/train")  # ... and its synthetic train
 
 def absolute_paths(cfg):
     """Local paths made absolute (under `ray job submit` the working directory is a temporary copy)."""
-    changes = {"output_dir": str(Path(cfg.output_dir).resolve())}
-    for name in ("prompts", "pretrain_data", "reward", "resume_from"):
+    from rayapp.refl.rewards import absolute_reward_paths
+
+    changes = {"output_dir": str(Path(cfg.output_dir).resolve()), "reward": absolute_reward_paths(cfg.reward)}
+    for name in ("prompts", "pretrain_data", "resume_from"):
         value = getattr(cfg, name)
         if value and "://" not in value and Path(value).exists():
             changes[name] = str(Path(value).resolve())
@@ -42,10 +48,12 @@ def absolute_paths(cfg):
 def offline_inputs(cfg):
     """The offline preset's inputs: the trained tiny RM and its synthetic images when they exist, else a
     random tiny RM and a small synthetic set made here."""
-    if cfg.pretrained != "tiny":
-        if cfg.preset == "offline":
+    from rayapp.diffusion import TINY_PIPELINES
+
+    if cfg.pretrained not in TINY_PIPELINES:
+        if cfg.preset.startswith("offline"):
             logger.warning("[refl] --pretrained %s with the offline preset's CPU recipe (%d sampling steps, lr %g); "
-                           "--preset sd15 gives the paper's", cfg.pretrained, cfg.num_inference_steps,
+                           "--preset sd15 or sdxl gives the paper's", cfg.pretrained, cfg.num_inference_steps,
                            cfg.learning_rate)
         return cfg
     if cfg.reward is None and TRAINED_TINY_RM.is_dir():
@@ -81,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("mean held-out reward after:  %+.4f  (%d updates)", result.reward_after, result.steps)
     logger.info("grid PNG: %s", result.grid_png)
     logger.info("reward curve PNG: %s", result.curve_png)
-    logger.info("final model (%s): %s", "LoRA weights" if cfg.lora_rank else "diffusers pipeline", result.final_dir)
+    logger.info("final model (%s): %s", "LoRA weights" if result.config.lora_rank else "diffusers pipeline",
+                result.final_dir)
     logger.info("checkpoint (for --resume-from): %s", result.checkpoint)
     return 0
 

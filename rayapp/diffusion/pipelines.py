@@ -1,12 +1,17 @@
-"""Loading Stable Diffusion pipelines (hub name, local folder, or the offline "tiny" one) and their geometry."""
+"""Loading diffusers text-to-image pipelines (hub name, local folder, or an offline tiny one) and their geometry."""
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
+# Names that build a tiny random-weight pipeline in memory instead of loading one (see tiny.py, tiny_sdxl.py).
+TINY_PIPELINES = ("tiny", "tiny-sdxl")
+
 
 def make_scheduler(kind: str = "ddim", config: dict | None = None):
-    """A DDIM or DDPM scheduler; `config` (e.g. a pipeline's scheduler.config) overrides SD's defaults."""
+    """A DDIM or DDPM scheduler; `config` (e.g. a pipeline's scheduler.config, any scheduler class) supplies
+    the beta schedule, timestep spacing and prediction type; SD's defaults otherwise."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     base = dict(
@@ -19,14 +24,16 @@ def make_scheduler(kind: str = "ddim", config: dict | None = None):
         steps_offset=1,
         prediction_type="epsilon",
     )
+    kinds = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+    cls = kinds.get(kind.lower())
+    if cls is None:
+        raise ValueError(f"unknown scheduler {kind!r}; use 'ddim' or 'ddpm'")
     if config is not None:
-        base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    kind = kind.lower()
-    if kind == "ddim":
-        return DDIMScheduler.from_config(base)
-    if kind == "ddpm":
-        return DDPMScheduler.from_config(base)
-    raise ValueError(f"unknown scheduler {kind!r}; use 'ddim' or 'ddpm'")
+        # Keep only what this class takes: another class's settings (Euler's sigmas, PNDM's PRK steps) do not
+        # apply and would only be logged as ignored.
+        accepted = set(inspect.signature(cls.__init__).parameters)
+        base.update({k: v for k, v in dict(config).items() if k in accepted})
+    return cls.from_config(base)
 
 
 def pipeline_resolution(pipe_or_unet_vae) -> int:
@@ -45,42 +52,81 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def load_pipeline(name_or_dir: str | os.PathLike, *, dtype=None, device=None, scheduler: str | None = None):
-    """Load a StableDiffusionPipeline from a local directory or a Hugging Face hub name.
+def tiny_pipeline(name: str, seed: int = 0, scheduler: str | None = None):
+    """The tiny pipeline a name in TINY_PIPELINES stands for, built in memory."""
+    if name == "tiny":
+        from .tiny import tiny_sd_pipeline
 
-    name_or_dir: a `save_pretrained` directory (e.g. from `build_tiny_sd_pipeline`), or a hub name such as
-      "CompVis/stable-diffusion-v1-4" (goes through the HF cache; `HF_HUB_OFFLINE=1` is respected).
-      The special name "tiny" builds the tiny pipeline (seed 0) in memory.
+        return tiny_sd_pipeline(seed=seed, scheduler=scheduler or "ddim")
+    if name == "tiny-sdxl":
+        from .tiny_sdxl import tiny_sdxl_pipeline
+
+        pipe = tiny_sdxl_pipeline(seed=seed)
+        if scheduler is not None:
+            pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        return pipe
+    raise ValueError(f"unknown tiny pipeline {name!r}; known: {', '.join(TINY_PIPELINES)}")
+
+
+def pipeline_class_name(name_or_dir: str | os.PathLike) -> str:
+    """The diffusers pipeline class a pipeline is saved as (model_index.json), without loading weights."""
+    source = os.fspath(name_or_dir)
+    if source == "tiny":
+        return "StableDiffusionPipeline"
+    if source == "tiny-sdxl":
+        return "StableDiffusionXLPipeline"
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(source)
+    except (OSError, EnvironmentError) as err:
+        raise OSError(f"cannot read the pipeline config of {source!r}{_hub_hint(source)}") from err
+    return str(config["_class_name"])
+
+
+def _hub_hint(source: str) -> str:
+    if Path(source).is_dir():
+        return " (a local directory without a diffusers model_index.json?)"
+    return (" (not a local directory; as a hub name it needs network access or a cached copy, and "
+            "HF_HUB_OFFLINE=1 forbids downloads)")
+
+
+def load_pipeline(name_or_dir: str | os.PathLike, *, dtype=None, device=None, scheduler: str | None = None,
+                  seed: int = 0):
+    """Load any diffusers text-to-image pipeline (AutoPipelineForText2Image: SD 1.x/2.x, SDXL, SD3, Flux, ...).
+
+    name_or_dir: a `save_pretrained` directory, a Hugging Face hub name (through the HF cache;
+      `HF_HUB_OFFLINE=1` is respected), or "tiny" / "tiny-sdxl" (the tiny SD 1.x / SDXL pipeline with weights
+      from `seed`, built in memory).
     dtype: torch dtype or its name ("float32", "bfloat16", "float16"); default float32.
     device: where to move the pipeline; default CPU.
     scheduler: replace the pipeline's scheduler with "ddim" or "ddpm" (keeping its beta schedule).
-    The safety checker is not loaded (it scores nothing we need and doubles the download).
+    A safety checker is not loaded (it scores nothing we need and doubles the download).
     """
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import AutoPipelineForText2Image
 
     from rayapp.model.dtypes import resolve_dtype
 
-    from .tiny import tiny_sd_pipeline
-
     dtype = resolve_dtype(dtype) if dtype is not None else torch.float32
     source = os.fspath(name_or_dir)
-    if source == "tiny":
-        pipe = tiny_sd_pipeline(seed=0, scheduler=scheduler or "ddim").to(dtype=dtype)
-        return pipe.to(device) if device is not None else pipe
-    local = Path(source).is_dir()
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
-    except (OSError, EnvironmentError) as err:
-        hint = "" if local else (
-            " It is not a local directory; as a hub name it needs network access or a cached copy"
-            " (HF_HUB_OFFLINE=1 forbids downloads)."
-        )
-        raise OSError(f"cannot load the Stable Diffusion pipeline {source!r}.{hint}") from err
-    if scheduler is not None:
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    if source in TINY_PIPELINES:
+        pipe = tiny_pipeline(source, seed=seed, scheduler=scheduler)
+        if dtype != torch.float32:  # built in fp32
+            pipe = pipe.to(dtype=dtype)
+    else:
+        kwargs = {}
+        if pipeline_class_name(source) == "StableDiffusionPipeline":
+            kwargs = dict(safety_checker=None, requires_safety_checker=False)
+        try:
+            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, **kwargs)
+        except (OSError, EnvironmentError) as err:
+            raise OSError(f"cannot load the diffusers pipeline {source!r}{_hub_hint(source)}") from err
+        except ValueError as err:  # AutoPipeline names the classes it maps when it has no text-to-image one
+            raise ValueError(f"{source!r} is not a text-to-image pipeline diffusers' AutoPipelineForText2Image "
+                             f"knows: {err}") from err
+        if scheduler is not None:
+            pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if device is not None:
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

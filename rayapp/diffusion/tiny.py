@@ -99,18 +99,54 @@ def build_tiny_sd_pipeline(save_dir: str | os.PathLike, seed: int = 0, scheduler
     return save_dir
 
 
+def tiny_vae():
+    """The tiny AutoencoderKL (three levels: latent factor 4, 4 latent channels), random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(TINY_VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(TINY_VAE_CHANNELS),
+        block_out_channels=TINY_VAE_CHANNELS,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_IMAGE_SIZE,
+    )
+
+
+def tiny_text_config(tokenizer, **overrides):
+    """A two-layer CLIP text config over the tiny tokenizer's vocabulary (77 positions, as SD's)."""
+    from transformers import CLIPTextConfig
+
+    values = dict(vocab_size=len(tokenizer), hidden_size=TINY_TEXT_HIDDEN, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    values.update(overrides)
+    return CLIPTextConfig(**values)
+
+
+def seeded_build(seed: int, build):
+    """`build()` under torch seed `seed`, leaving the caller's random stream where it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
     """The tiny pipeline of `build_tiny_sd_pipeline`, in memory (same seed -> same weights, any process)."""
-    import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     from .pipelines import make_scheduler
 
     tokenizer = build_tiny_clip_tokenizer()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+
+    def build():
         latent_factor = 2 ** (len(TINY_VAE_CHANNELS) - 1)
         unet = UNet2DConditionModel(
             sample_size=TINY_IMAGE_SIZE // latent_factor,
@@ -124,32 +160,9 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
             attention_head_dim=8,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(TINY_VAE_CHANNELS),
-            up_block_types=("UpDecoderBlock2D",) * len(TINY_VAE_CHANNELS),
-            block_out_channels=TINY_VAE_CHANNELS,
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=TINY_IMAGE_SIZE,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=TINY_TEXT_HIDDEN,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-    finally:
-        torch.random.set_rng_state(generator_state)
+        return unet, tiny_vae(), CLIPTextModel(tiny_text_config(tokenizer))
+
+    unet, vae, text_encoder = seeded_build(seed, build)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -3,8 +3,15 @@
 The dataclass defaults are the paper / reference recipe for SD 1.x (40 sampling steps, gradient step drawn from
 [30, 39], lambda 2, grad_scale 1e-3, AdamW lr 1e-5 wd 1e-2, clip 1.0, constant lr, batch 2 x accumulation 4,
 100 updates) plus the paper's pre-training loss. Presets are data in `presets/*.json`: `offline` (the tiny
-pipeline and tiny RM on 2 CPUs, no download), `sd15` (the paper's recipe on Stable Diffusion 1.5) and `sd14`
-(the reference run's base model, SD 1.4).
+pipeline and tiny RM on 2 CPUs, no download), `offline-sdxl` (the same with the tiny SDXL pipeline), `sd15`
+(the paper's recipe on Stable Diffusion 1.5), `sd14` (the reference run's base model, SD 1.4) and `sdxl` (the
+reference's SDXL LoRA recipe: 1024 px, 16 prompts per GPU, lr 1e-4, LoRA rank 4).
+
+Objectives (`objective`) share one sampled trajectory and differ only in where the gradient flows:
+`refl` (one step drawn from [grad_step_min, grad_step_max], the chain cut there), `draft-k` (the last
+`draft_k` steps of the full chain), `draft-lv` (the last step, redone from `draft_lv_samples` re-noisings of
+the final sample) and `alignprop` (the last K steps, K drawn from the truncation range per update, each
+step checkpointed).
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from rayapp.runtime.config import TrainingConfig
 
 PRESETS = load_presets(Path(__file__).with_name("presets"))
 DEFAULT_PRESET = "offline"
+OBJECTIVES = ("refl", "draft-k", "draft-lv", "alignprop")
 
 DEFAULT_EVAL_PROMPTS = (
     "one large red circle on a white background",
@@ -33,11 +41,15 @@ class ReFLConfig(TrainingConfig):
     preset: str = option("sd15", "the named defaults this config started from (set by --preset)")
     # --- models ---
     pretrained: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5",
-                             "SD pipeline: hub name, a save_pretrained dir, or 'tiny' (random-weight tiny "
-                             "pipeline built from configs on every worker)")
-    tiny_seed: int = option(0, "torch seed of the tiny pipeline's weights (pretrained='tiny' only)")
-    reward: str | None = option("ImageReward-v1.0", "reward model: a name, an official .pt or a rayapp "
-                                                    "save_pretrained dir; none = a random-but-fixed tiny RM")
+                             "SD 1.x/2.x or SDXL pipeline: hub name, a save_pretrained dir, or 'tiny' / "
+                             "'tiny-sdxl' (random-weight tiny pipelines built from configs on every worker)")
+    tiny_seed: int = option(0, "torch seed of the tiny pipeline's weights (pretrained='tiny' or 'tiny-sdxl')")
+    resolution: int | None = option(None, "output pixels (square; a multiple of the VAE factor); none = the "
+                                          "pipeline's own (512 SD 1.x, 1024 SDXL, 64 tiny)")
+    reward: str | None = option("ImageReward-v1.0", "reward: an ImageReward (name, official .pt or rayapp dir), "
+                                                    "'tiny' (the random-but-fixed tiny RM), a baseline (CLIP, "
+                                                    "BLIP, Aesthetic, NAME:tiny), or a weighted sum "
+                                                    "'imagereward:1.0,aesthetic:0.1'; none = 'tiny'")
     reward_tokenizer: str | None = option(None, "RM tokenizer dir / hub name when `reward` does not carry one")
     reward_seed: int = option(0, "torch seed of the random tiny RM (reward none only)")
     # --- data ---
@@ -56,6 +68,15 @@ class ReFLConfig(TrainingConfig):
     guidance_scale: float = option(1.0, "classifier-free guidance weight; <= 1 = none (the reference trains "
                                          "without)")
     # --- objective ---
+    objective: str = option("refl", "where the gradient flows along the sampled trajectory: refl, draft-k, "
+                                    "draft-lv or alignprop")
+    draft_k: int = option(1, "draft-k: backpropagate through the last K sampling steps")
+    draft_lv_samples: int = option(2, "draft-lv: re-noisings of the final sample, the last step redone with "
+                                      "gradient on each (the gradient's variance falls as 1/N)")
+    alignprop_truncation_min: int = option(1, "alignprop: fewest final sampling steps the gradient flows "
+                                              "through (K drawn uniformly per update)")
+    alignprop_truncation_max: int | None = option(None, "alignprop: most such steps; none = "
+                                                        "num_inference_steps (the whole chain)")
     reward_target: float = option(2.0, "lambda: loss = mean(ReLU(lambda - reward)) x grad_scale (RM units)")
     grad_scale: float = option(1e-3, "multiplier of the reward loss (SPEC 3: 1e-3)")
     pretrain_weight: float = option(1.0, "multiplier of the pre-training denoising loss (MSE, latent units); "
@@ -67,8 +88,9 @@ class ReFLConfig(TrainingConfig):
     pretrain_batch_size: int = option(2, "images per worker per pre-training loss evaluation")
     # --- optimisation (shared fields: see TrainingConfig) ---
     max_steps: int = option(100, "optimizer updates in total (a resumed run continues up to this count)")
-    lora_rank: int = option(0, "0 = fine-tune the full UNet; > 0 = LoRA of this rank on the attention "
-                               "projections")
+    lora_rank: int | None = option(None, "0 = fine-tune the full UNet; > 0 = LoRA of this rank on the "
+                                         "attention projections; none = the family's default (SDXL: 4, SD "
+                                         "1.x: 0)")
     lora_alpha: float | None = option(None, "LoRA scale numerator (alpha / rank); none = rank (scale 1)")
     gradient_checkpointing: bool = option(False, "recompute UNet activations in backward (less memory, ~30% "
                                                  "slower)")
@@ -113,14 +135,37 @@ class ReFLConfig(TrainingConfig):
             raise ValueError("pretrain_every must be >= 1")
         if self.pretrain_mode == "alternate" and self.pretrain_weight > 0 and self.pretrain_every < 2:
             raise ValueError("pretrain_mode='alternate' needs pretrain_every >= 2 (else no reward updates)")
-        if self.lora_rank < 0:
-            raise ValueError("lora_rank must be >= 0")
+        if self.lora_rank is not None and self.lora_rank < 0:
+            raise ValueError("lora_rank must be >= 0 (or none for the pipeline family's default)")
+        if self.resolution is not None and self.resolution <= 0:
+            raise ValueError(f"resolution must be > 0 (or none for the pipeline's own), got {self.resolution}")
+        self.validate_objective()
         if self.max_steps < 1:
             raise ValueError("max_steps must be >= 1")
         if not self.eval_prompts or not self.eval_seeds:
             raise ValueError("eval_prompts and eval_seeds must not be empty")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; known: {sorted(PRESETS)}")
+
+    def validate_objective(self) -> None:
+        """Raise ValueError on objective settings that cannot be met with num_inference_steps."""
+        steps = self.num_inference_steps
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not 1 <= self.draft_k <= steps:
+            raise ValueError(f"draft_k must be in [1, num_inference_steps={steps}], got {self.draft_k}")
+        if self.draft_lv_samples < 1:
+            raise ValueError(f"draft_lv_samples must be >= 1, got {self.draft_lv_samples}")
+        low, high = self.alignprop_truncation_min, self.alignprop_truncation_range[1]
+        if not 1 <= low <= high <= steps:
+            raise ValueError(f"need 1 <= alignprop_truncation_min <= alignprop_truncation_max <= "
+                             f"num_inference_steps={steps}, got [{low}, {high}]")
+
+    @property
+    def alignprop_truncation_range(self) -> tuple[int, int]:
+        """(fewest, most) final steps AlignProp backpropagates through."""
+        high = self.alignprop_truncation_max
+        return self.alignprop_truncation_min, self.num_inference_steps if high is None else high
 
     @property
     def pretrain_enabled(self) -> bool:

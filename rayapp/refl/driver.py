@@ -30,6 +30,7 @@ class ReFLResult:
     reward_after: float | None  # ... at the last
     steps: int  # optimizer updates reached
     completed_updates: list  # 0-based indices of the updates in the final model's history, in order
+    updates: list  # rank 0's log entry per update: objective, grad_index / grad_steps per micro-batch, losses
     final_dir: str | None  # diffusers pipeline dir, or LoRA weights dir
     grid_png: str | None  # the last eval grid
     curve_png: str | None  # reward curve
@@ -39,26 +40,24 @@ class ReFLResult:
     config: ReFLConfig | None = None  # the resolved config the run used
 
 
-def pipeline_resolution_of(name: str) -> int:
+def pipeline_resolution_of(name: str, resolution: int | None = None) -> int:
     """Output resolution of a pipeline from its configs (dir or hub/cache), without loading weights."""
-    if name == "tiny":
-        from rayapp.diffusion.tiny import TINY_IMAGE_SIZE
+    from rayapp.diffusion import family_and_resolution
 
-        return TINY_IMAGE_SIZE
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    unet_config = UNet2DConditionModel.load_config(name, subfolder="unet")
-    vae_config = AutoencoderKL.load_config(name, subfolder="vae")
-    sample = unet_config["sample_size"]
-    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    return int(sample) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return family_and_resolution(name, resolution)[1]
 
 
 def resolve(cfg: ReFLConfig) -> ReFLConfig:
-    """Fill the run-dependent fields: absolute output dir, storage path and run name."""
+    """Fill the run-dependent fields: absolute output dir, storage path, run name, and from the pipeline's
+    configs its output resolution and the family's LoRA default (SDXL: LoRA rank 4; SD 1.x: the full UNet)."""
+    from rayapp.diffusion import family_and_resolution
+
+    family, resolution = family_and_resolution(cfg.pretrained, cfg.resolution)
+    lora_rank = family.default_lora_rank if cfg.lora_rank is None else cfg.lora_rank
     output_dir = os.fspath(Path(cfg.output_dir).resolve())
     return replace(cfg, output_dir=output_dir, storage_path=cfg.storage_path or os.fspath(Path(output_dir) / "ray"),
-                   run_name=cfg.run_name or time.strftime("refl-%Y%m%d-%H%M%S"))
+                   run_name=cfg.run_name or time.strftime("refl-%Y%m%d-%H%M%S"), resolution=resolution,
+                   lora_rank=lora_rank)
 
 
 def build_trainer(cfg: ReFLConfig, *, callbacks: Sequence[UpdateCallback] = (), verbose: bool = False):
@@ -69,12 +68,13 @@ def build_trainer(cfg: ReFLConfig, *, callbacks: Sequence[UpdateCallback] = (), 
     from .data import pretrain_dataset, prompt_dataset
 
     resources = cluster.worker_resources(cfg, "jobs/refl.py")
-    logger.info("[refl] %d workers x %s, %s; %d updates of %d prompts per worker x %d accumulation",
-                cfg.num_workers, resources, cfg.placement_strategy, cfg.max_steps, cfg.train_batch_size,
-                cfg.gradient_accumulation_steps)
+    logger.info("[refl] %d workers x %s, %s; %d updates of %d prompts per worker x %d accumulation; %s, %d px, "
+                "objective %s, %s", cfg.num_workers, resources, cfg.placement_strategy, cfg.max_steps,
+                cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.pretrained, cfg.resolution, cfg.objective,
+                f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "full UNet")
     datasets = {"prompts": prompt_dataset(cfg.prompts, cfg.prompt_column)}
     if cfg.pretrain_enabled:
-        datasets["pretrain"] = pretrain_dataset(cfg.pretrain_data, pipeline_resolution_of(cfg.pretrained))
+        datasets["pretrain"] = pretrain_dataset(cfg.pretrain_data, cfg.resolution)
     return TorchTrainer(
         train_loop_per_worker(),
         train_loop_config={"config": cfg.to_dict(), "callbacks": list(callbacks), "verbose": verbose},
@@ -104,10 +104,10 @@ def run_refl(cfg: ReFLConfig, *, callbacks: Sequence[UpdateCallback] = (), verbo
     if cfg.pretrain_enabled and not cfg.pretrain_data:
         raise ValueError("the pre-training loss is on (pretrain_weight > 0) but pretrain_data is not set; "
                          "pass an image-text Parquet set or pretrain_weight=0")
-    cluster.connect()
+    cfg = resolve(cfg)  # reads the pipeline's configs: a wrong --pretrained fails before Ray starts
+    cluster.connect(verbose)
     if not verbose:
         cluster.quiet_data_progress_bars()
-    cfg = resolve(cfg)
     cluster.worker_resources(cfg, "jobs/refl.py")  # fails fast, before datasets and workers
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -139,6 +139,9 @@ def collect_result(cfg: ReFLConfig, result) -> ReFLResult:
                 pngs = sorted((output_dir / "eval").glob("step_*.png"))
                 grid_png = os.fspath(pngs[-1]) if pngs else None
     history = state.get("eval_history", [])
+    updates = state.get("updates", [])
+    if updates:
+        (output_dir / "updates.json").write_text(json.dumps(updates, indent=2) + "\n")
     if history:
         (output_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
         curve_png = os.fspath(reward_curve(history, output_dir / "reward_curve.png"))
@@ -146,7 +149,7 @@ def collect_result(cfg: ReFLConfig, result) -> ReFLResult:
         eval_history=history,
         reward_before=history[0]["eval_reward"] if history else None,
         reward_after=history[-1]["eval_reward"] if history else None,
-        steps=int(state.get("step", 0)), completed_updates=list(state.get("completed_updates", [])),
+        steps=int(state.get("step", 0)), completed_updates=list(state.get("completed_updates", [])), updates=updates,
         final_dir=final_dir, grid_png=grid_png, curve_png=curve_png,
         checkpoint=checkpoint.path if checkpoint is not None else None,
         output_dir=os.fspath(output_dir), metrics=dict(result.metrics or {}), config=cfg,

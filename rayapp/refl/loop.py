@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from rayapp.runtime import checkpoints, cluster, engine as rt
+from rayapp.runtime import checkpoints, cluster
+from rayapp.runtime import engine as rt
 from rayapp.runtime.callbacks import notify
 
 from .config import ReFLConfig
@@ -29,6 +30,17 @@ def update_kinds(cfg: ReFLConfig, step: int) -> tuple[bool, bool]:
     if cfg.pretrain_mode == "joint":
         return True, hit
     return (not hit), hit
+
+
+def update_record(step: int, cfg: ReFLConfig, plans: list[dict], stats: dict[str, list[float]]) -> dict:
+    """One update's log entry (rank 0): its objective, each micro-batch's gradient plan (AlignProp: the
+    truncation K = grad_steps, the first step with gradient = grad_index) and its mean losses."""
+    record = {"step": step, "objective": cfg.objective,
+              "grad_index": [p["grad_index"] for p in plans], "grad_steps": [p["grad_steps"] for p in plans]}
+    for key in ("loss_reward", "loss_pretrain", "reward_train"):
+        if stats.get(key):
+            record[key] = sum(stats[key]) / len(stats[key])
+    return record
 
 
 def timing_and_memory(step_times: list[float], device: torch.device) -> dict:
@@ -69,6 +81,8 @@ def train_loop(loop_config: dict) -> None:
     parts = load_diffusion_parts(cfg, device, rt.precision_dtype(precision))
     rm = load_reward_model(cfg, device, rt.precision_dtype(precision))
     unet = parts.unet
+    if cfg.lora_rank is None:
+        raise ValueError("lora_rank must be resolved before the workers start (see driver.resolve)")
     if cfg.lora_rank > 0:
         add_lora(unet, cfg)
     else:
@@ -89,7 +103,7 @@ def train_loop(loop_config: dict) -> None:
 
         ema = EMAModel(trainable_params(), decay=cfg.ema_decay)
 
-    state = {"step": 0, "completed_updates": [], "eval_history": [], "restarts": 0}
+    state = {"step": 0, "completed_updates": [], "eval_history": [], "updates": [], "restarts": 0}
     grids: dict[str, bytes] = {}
 
     def read_extras(directory: Path) -> None:
@@ -160,6 +174,8 @@ def train_loop(loop_config: dict) -> None:
         notify(callbacks, "before", step, rank, *hook_args)
         t0 = time.perf_counter()
         use_reward, use_pretrain = update_kinds(cfg, step)
+        this_update: dict[str, list[float]] = {}
+        plans: list[dict] = []  # rank 0's gradient plan of each micro-batch (AlignProp: its truncation K)
         for micro in range(cfg.gradient_accumulation_steps):
             seed = ((cfg.seed * 1_000_003 + step) * 64 + micro) * 128 + rank
             loss = torch.zeros((), device=device)
@@ -169,14 +185,18 @@ def train_loop(loop_config: dict) -> None:
                 r_loss, stats = reward_loss_step(engine, module, parts, rm, prompts, cfg, device, precision, seed)
                 loss = loss + r_loss
                 stats["loss_reward"] = float(r_loss.detach())
+                plans.append({k: stats.pop(k) for k in ("grad_index", "grad_steps", "grad_timestep")})
+                stats.pop("objective")
             if use_pretrain:
                 p_loss = pretrain_loss_step(engine, parts, next(pretrain_iter), device, seed + 17)
                 loss = loss + cfg.pretrain_weight * p_loss
                 stats["loss_pretrain"] = float(p_loss.detach())
             engine.backward(loss)
             engine.step()
-            for k, v in stats.items():
-                running.setdefault(k, []).append(float(v))
+            for k, v in {**stats, **(plans[-1] if use_reward else {})}.items():
+                this_update.setdefault(k, []).append(float(v))
+        for k, v in this_update.items():
+            running.setdefault(k, []).extend(v)
         if ema is not None:
             ema.step(trainable_params())
         state["step"] = step + 1
@@ -184,15 +204,19 @@ def train_loop(loop_config: dict) -> None:
         step_times.append(time.perf_counter() - t0)
         notify(callbacks, "after", step, rank, *hook_args)
         if rank == 0:
-            losses = " ".join(f"{k}={v[-1]:.5g}" for k, v in running.items())
-            logger.info("[refl] step %d/%d %.2fs %s", step + 1, cfg.max_steps, step_times[-1], losses)
+            state["updates"].append(update_record(step, cfg, plans, this_update))
+            losses = " ".join(f"{k}={sum(v) / len(v):.5g}" for k, v in this_update.items()
+                              if k.startswith(("loss", "reward")))
+            where = " ".join(f"k={p['grad_index']}/K={p['grad_steps']}" for p in plans)
+            logger.info("[refl] step %d/%d %.2fs %s %s %s", step + 1, cfg.max_steps, step_times[-1], cfg.objective,
+                        where, losses)
         done = state["step"]
         is_last = done >= cfg.max_steps
         do_eval = is_last or (cfg.eval_every and done % cfg.eval_every == 0)
         do_checkpoint = is_last or (checkpoint_every and done % checkpoint_every == 0)
         if do_eval or do_checkpoint:
             metrics = run_eval(done) if do_eval else {}
-            metrics.update({f"train_{k}": sum(v) / len(v) for k, v in running.items() if k != "grad_index"})
+            metrics.update({f"train_{k}": sum(v) / len(v) for k, v in running.items()})
             metrics.update(timing_and_memory(step_times, device))
             metrics["restarts"] = state["restarts"]
             running = {}

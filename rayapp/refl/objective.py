@@ -1,39 +1,92 @@
-"""The ReFL objective (SPEC 3) and the sampler it differentiates through, usable outside Ray.
+"""The reward objectives (ReFL, DRaFT-K, DRaFT-LV, AlignProp) on one sampled trajectory, and the pre-training
+loss; usable outside Ray.
 
-  reward loss (the reference's step, with its index/timestep bug fixed):
-    prompts -> CLIP text encoder (frozen) -> Gaussian latents; scheduler.set_timesteps(N);
-    k ~ U{grad_step_min..grad_step_max}; steps 0..k-1 without gradient; at step k the UNet runs WITH
-    gradient on the scheduler's timestep VALUE t_k (e.g. 26 of 1000 for k = 39 of 40 DDIM steps, not 39);
-    x0 = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)  (v-prediction handled too);
-    image = clamp(VAE.decode(x0 / scaling) / 2 + 1/2, 0, 1) (VAE frozen, differentiable);
-    r = RM.reward(image, prompt) (differentiable `preprocess_tensor`, RM frozen, training dtype);
+One code path samples (`sample_chain`): prompts -> the family's conditioning (rayapp.diffusion.parts) ->
+Gaussian latents -> DDIM/DDPM steps 0..stop-1, each UNet call run WITH gradient from step `grad_from` on
+(inputs through the scheduler's timestep VALUES, e.g. t = 1 for step 39 of 40 DDIM steps; the reference's
+index/timestep bug is not copied) -> the clean-latent estimate of the last step run
+    x0 = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)   (v-prediction handled too)
+-> VAE decode (frozen, differentiable) -> images in [0,1] -> reward r (differentiable, frozen) ->
     L_reward = mean(ReLU(lambda - r)) x grad_scale.
-  pre-training loss (paper Sec. 4.2; the reference code lacks it):
-    image-text pairs -> VAE.encode -> z0 x scaling; t ~ U{0..T-1}; z_t = add_noise(z0, eps, t);
-    L_pre = || eps - eps_theta(z_t, t, text) ||^2 (or v-target), weighted by pretrain_weight and either added
-    to the reward loss (joint) or given its own updates (alternate).
+An objective only chooses the `GradientPlan` (where gradients flow), per update:
+    refl       k ~ U{grad_step_min..grad_step_max}; steps < k without gradient; the chain stops at k.
+    draft-k    the full chain; its last `draft_k` steps with gradient (K = 1 with k = N - 1 is ReFL's plan).
+    draft-lv   the full chain without gradient; its final sample x0 is re-noised to the last timestep
+               `draft_lv_samples` times and the last step redone with gradient on each (one batch).
+    alignprop  the full chain; its last K steps with gradient, K ~ U{truncation range} per update, each such
+               step checkpointed (activations recomputed in backward: memory of one UNet call per step).
+The pre-training loss (paper Sec. 4.2; the reference code lacks it): image-text pairs -> VAE.encode -> z0;
+t ~ U{0..T-1}; z_t = add_noise(z0, eps, t); L_pre = || eps - eps_theta(z_t, t, text) ||^2 (or v-target).
 """
 from __future__ import annotations
 
 import random
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from rayapp.diffusion.parts import Conditioning, DiffusionParts
 
 from .config import ReFLConfig
-from .models import DiffusionParts, encode_prompts
 
 
-def predict_noise(unet, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
-                  guidance_scale: float) -> torch.Tensor:
-    """UNet output for (latents, t, text); classifier-free guidance when uncond is given and scale > 1."""
+@dataclass(frozen=True)
+class GradientPlan:
+    """Where one update's gradient flows along a chain of N sampling steps (0-based step indices)."""
+
+    objective: str
+    grad_from: int  # first step whose UNet call carries the gradient (N: none of the chain's steps)
+    stop: int  # steps run; the sample is the clean-latent estimate of step stop - 1
+    checkpoint: bool = False  # recompute each gradient step's activations in backward (AlignProp)
+    renoise_samples: int = 0  # DRaFT-LV: redo the last step on this many re-noisings of the final sample
+
+    @property
+    def grad_steps(self) -> int:
+        """UNet calls per sample that carry the gradient (AlignProp's truncation length K)."""
+        return self.renoise_samples or self.stop - self.grad_from
+
+
+def gradient_plan(cfg: ReFLConfig, rng: random.Random) -> GradientPlan:
+    """The objective's plan for one update (draws from `rng` where the objective is randomised)."""
+    steps = cfg.num_inference_steps
+    if cfg.objective == "refl":
+        k = rng.randint(cfg.grad_step_min, cfg.grad_step_max)
+        return GradientPlan("refl", grad_from=k, stop=k + 1)
+    if cfg.objective == "draft-k":
+        return GradientPlan("draft-k", grad_from=steps - cfg.draft_k, stop=steps)
+    if cfg.objective == "draft-lv":
+        return GradientPlan("draft-lv", grad_from=steps, stop=steps, renoise_samples=cfg.draft_lv_samples)
+    if cfg.objective == "alignprop":
+        low, high = cfg.alignprop_truncation_range
+        k = rng.randint(low, high)
+        return GradientPlan("alignprop", grad_from=steps - k, stop=steps, checkpoint=True)
+    raise ValueError(f"unknown objective {cfg.objective!r}")
+
+
+def predict_noise(unet, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
+                  guidance_scale: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """UNet output for (latents, t, text); classifier-free guidance when uncond is given and scale > 1.
+
+    `dtype`: cast the inputs to the UNet's weights' dtype (fp16 engines take no fp32 inputs)."""
     if uncond is not None and guidance_scale > 1.0:
         both = torch.cat([latents, latents])
-        out = unet(both, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        out = unet(_cast(both, dtype), t, **_cast_cond(uncond.cat(cond), dtype).unet_kwargs()).sample
         out_uncond, out_cond = out.chunk(2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
-    return unet(latents, t, encoder_hidden_states=cond).sample
+    return unet(_cast(latents, dtype), t, **_cast_cond(cond, dtype).unet_kwargs()).sample
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return x if dtype is None or dtype == torch.float32 else x.to(dtype)
+
+
+def _cast_cond(cond: Conditioning, dtype: torch.dtype | None) -> Conditioning:
+    if dtype is None or dtype == torch.float32:
+        return cond
+    return Conditioning(cond.encoder_hidden_states.to(dtype), {k: v.to(dtype) for k, v in cond.added_cond_kwargs.items()})
 
 
 def predicted_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -51,11 +104,9 @@ def predicted_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor, t:
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
-def decode_to_images(vae, latents: torch.Tensor) -> torch.Tensor:
+def decode_to_images(parts: DiffusionParts, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0,1] (float32), differentiable through the frozen VAE decoder."""
-    latents = latents / vae.config.scaling_factor
-    decoded = vae.decode(latents.to(vae.dtype)).sample
-    return (decoded.float() / 2 + 0.5).clamp(0, 1)
+    return parts.decode(latents)
 
 
 def scheduler_step(scheduler, model_output, t, latents, cfg: ReFLConfig, generator):
@@ -63,7 +114,7 @@ def scheduler_step(scheduler, model_output, t, latents, cfg: ReFLConfig, generat
     kwargs = {"generator": generator}
     if cfg.scheduler == "ddim":
         kwargs["eta"] = cfg.eta
-    return scheduler.step(model_output, t, latents, **kwargs).prev_sample
+    return scheduler.step(model_output.float(), t, latents, **kwargs).prev_sample
 
 
 def initial_latents(parts: DiffusionParts, seeds: list[int], device: torch.device) -> torch.Tensor:
@@ -82,68 +133,125 @@ def autocast_for(precision: str, device: torch.device):
     return nullcontext()
 
 
+@dataclass
+class ChainResult:
+    """What `sample_chain` returns: the last step's clean-latent estimate and the latents after that step."""
+
+    x0: torch.Tensor  # what the objectives decode and score
+    latents: torch.Tensor  # the sampler's own output (what a diffusers pipeline decodes after the last step)
+
+
+def sample_chain(unet_grad, unet_nograd, parts: DiffusionParts, cond: Conditioning, uncond: Conditioning | None,
+                 latents: torch.Tensor, plan: GradientPlan, cfg: ReFLConfig, device: torch.device, precision: str,
+                 generator: torch.Generator) -> ChainResult:
+    """Steps 0..plan.stop-1 of the sampler from `latents` (set_timesteps already called); the UNet calls from
+    plan.grad_from on carry the gradient (through `unet_grad`, checkpointed if plan.checkpoint)."""
+    scheduler = parts.scheduler
+    dtype = parts.unet.dtype
+    x0 = None
+    for i in range(plan.stop):
+        t = scheduler.timesteps[i]
+
+        def denoise(z, unet, t=t):
+            return predict_noise(unet, scheduler.scale_model_input(z, t), t, cond, uncond, cfg.guidance_scale,
+                                 dtype)
+
+        if i < plan.grad_from:
+            with torch.no_grad(), autocast_for(precision, device):
+                out = denoise(latents, unet_nograd)
+        elif plan.checkpoint:
+            out = checkpoint(denoise, latents, unet_grad, use_reentrant=False)
+        else:
+            out = denoise(latents, unet_grad)
+        x0 = predicted_x0(scheduler, latents, out, t)
+        latents = scheduler_step(scheduler, out, t, latents, cfg, generator)
+    return ChainResult(x0=x0, latents=latents)
+
+
+def renoised_last_step(unet_grad, parts: DiffusionParts, cond: Conditioning, uncond: Conditioning | None,
+                       x0: torch.Tensor, samples: int, cfg: ReFLConfig, generator: torch.Generator) -> torch.Tensor:
+    """DRaFT-LV: `samples` re-noisings of the final sample to the last timestep, each denoised again with
+    gradient; their clean-latent estimates stacked sample-major ([samples x B, ...])."""
+    scheduler = parts.scheduler
+    t = scheduler.timesteps[-1]
+    x0 = x0.detach()
+    noise = torch.randn((samples, *x0.shape), generator=generator).to(x0.device)
+    noisy = torch.cat([scheduler.add_noise(x0, noise[j], t) for j in range(samples)])
+    batch_cond = _repeat(cond, samples)
+    batch_uncond = _repeat(uncond, samples) if uncond is not None else None
+    out = predict_noise(unet_grad, scheduler.scale_model_input(noisy, t), t, batch_cond, batch_uncond,
+                        cfg.guidance_scale, parts.unet.dtype)
+    return predicted_x0(scheduler, noisy, out, t)
+
+
+def _repeat(cond: Conditioning, times: int) -> Conditioning:
+    """A conditioning batch repeated `times` times, sample-major (matches torch.cat of `times` batches)."""
+    result = cond
+    for _ in range(times - 1):
+        result = result.cat(cond)
+    return result
+
+
 def reward_loss_step(unet_grad, unet_nograd, parts: DiffusionParts, rm, prompts: list[str], cfg: ReFLConfig,
-                     device: torch.device, precision: str, seed: int) -> tuple[torch.Tensor, dict]:
-    """One ReFL reward loss on a batch of prompts; returns (loss with graph, stats)."""
-    rng = random.Random(seed)
-    grad_index = rng.randint(cfg.grad_step_min, cfg.grad_step_max)
+                     device: torch.device, precision: str, seed: int,
+                     renoise_seed: int | None = None) -> tuple[torch.Tensor, dict]:
+    """One reward loss on a batch of prompts with the configured objective; returns (loss with graph, stats).
+
+    `seed` fixes the update's plan, initial noise and sampler noise; `renoise_seed` (default: from `seed`) the
+    DRaFT-LV re-noising alone."""
+    plan = gradient_plan(cfg, random.Random(seed))
     scheduler = parts.scheduler
     scheduler.set_timesteps(cfg.num_inference_steps, device=device)
-    timesteps = scheduler.timesteps
-    cond = encode_prompts(parts, prompts, device)
-    uncond = encode_prompts(parts, [""] * len(prompts), device) if cfg.guidance_scale > 1.0 else None
+    cond = parts.encode_prompts(prompts, device)
+    uncond = parts.encode_negative(len(prompts), device) if cfg.guidance_scale > 1.0 else None
     latents = initial_latents(parts, [seed * 1009 + i for i in range(len(prompts))], device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad(), autocast_for(precision, device):
-        for t in timesteps[:grad_index]:
-            out = predict_noise(unet_nograd, scheduler.scale_model_input(latents, t), t, cond, uncond,
-                                cfg.guidance_scale)
-            latents = scheduler_step(scheduler, out, t, latents, cfg, gen)
-    t = timesteps[grad_index]
-    out = predict_noise(unet_grad, scheduler.scale_model_input(latents, t), t, cond, uncond, cfg.guidance_scale)
-    x0 = predicted_x0(scheduler, latents, out, t)
-    images = decode_to_images(parts.vae, x0)
-    rewards = rm.reward(images, prompts).float()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    chain = sample_chain(unet_grad, unet_nograd, parts, cond, uncond, latents, plan, cfg, device, precision,
+                         generator)
+    x0, scored_prompts = chain.x0, list(prompts)
+    if plan.renoise_samples:
+        renoise = torch.Generator().manual_seed(seed * 7919 + 1 if renoise_seed is None else renoise_seed)
+        x0 = renoised_last_step(unet_grad, parts, cond, uncond, chain.x0, plan.renoise_samples, cfg, renoise)
+        scored_prompts = scored_prompts * plan.renoise_samples
+    rewards = rm.reward(parts.decode(x0), scored_prompts).float()
     loss = F.relu(cfg.reward_target - rewards).mean() * cfg.grad_scale
-    return loss, {"reward_train": float(rewards.detach().mean()), "grad_index": grad_index,
-                  "grad_timestep": int(t)}
+    last = min(plan.stop, cfg.num_inference_steps) - 1
+    first = min(plan.grad_from, last)
+    return loss, {"reward_train": float(rewards.detach().mean()), "grad_index": first,
+                  "grad_timestep": int(scheduler.timesteps[first]), "grad_steps": plan.grad_steps,
+                  "objective": plan.objective}
 
 
 def pretrain_loss_step(unet_grad, parts: DiffusionParts, batch: dict, device: torch.device, seed: int) -> torch.Tensor:
     """Denoising loss || target - unet(z_t, t, text) ||^2 on a batch of ("pixels" in [-1,1], "caption")."""
     scheduler = parts.scheduler
     gen = torch.Generator().manual_seed(seed)
-    pixels = torch.as_tensor(batch["pixels"]).to(device=device, dtype=parts.vae.dtype)
-    with torch.no_grad():
-        dist = parts.vae.encode(pixels).latent_dist
-        eps_vae = torch.randn(dist.mean.shape, generator=gen).to(device=device, dtype=dist.mean.dtype)
-        z0 = (dist.mean + dist.std * eps_vae).float() * parts.vae.config.scaling_factor
+    pixels = torch.as_tensor(batch["pixels"]).to(device=device)
+    z0 = parts.encode_images(pixels, gen)
     noise = torch.randn(z0.shape, generator=gen).to(device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=gen).to(device)
     noisy = scheduler.add_noise(z0, noise, t)
-    cond = encode_prompts(parts, [str(c) for c in batch["caption"]], device)
+    cond = parts.encode_prompts([str(c) for c in batch["caption"]], device)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(z0, noise, t)
     else:
         target = noise
-    pred = unet_grad(noisy, t, encoder_hidden_states=cond).sample
+    pred = unet_grad(_cast(noisy, parts.unet.dtype), t, **_cast_cond(cond, parts.unet.dtype).unet_kwargs()).sample
     return F.mse_loss(pred.float(), target.float())
 
 
 @torch.no_grad()
 def generate(unet, parts: DiffusionParts, prompts: list[str], seeds: list[int], cfg: ReFLConfig,
              device: torch.device, precision: str) -> torch.Tensor:
-    """Images in [0,1] for (prompt, seed) pairs with the full N-step sampler (fixed noise per seed)."""
+    """Images in [0,1] for (prompt, seed) pairs with the full N-step sampler (fixed noise per seed), decoded
+    from the sampler's final latents as a diffusers pipeline does."""
     scheduler = parts.scheduler
     scheduler.set_timesteps(cfg.num_inference_steps, device=device)
-    cond = encode_prompts(parts, prompts, device)
-    uncond = encode_prompts(parts, [""] * len(prompts), device) if cfg.guidance_scale > 1.0 else None
+    cond = parts.encode_prompts(prompts, device)
+    uncond = parts.encode_negative(len(prompts), device) if cfg.guidance_scale > 1.0 else None
     latents = initial_latents(parts, seeds, device)
-    gen = torch.Generator(device=device).manual_seed(12345)
-    with autocast_for(precision, device):
-        for t in scheduler.timesteps:
-            out = predict_noise(unet, scheduler.scale_model_input(latents, t), t, cond, uncond, cfg.guidance_scale)
-            latents = scheduler_step(scheduler, out, t, latents, cfg, gen)
-    return decode_to_images(parts.vae, latents)
-
-
+    steps = cfg.num_inference_steps
+    plan = GradientPlan("sample", grad_from=steps, stop=steps)
+    chain = sample_chain(unet, unet, parts, cond, uncond, latents, plan, cfg, device, precision,
+                         torch.Generator(device=device).manual_seed(12345))
+    return parts.decode(chain.latents)
