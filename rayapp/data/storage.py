@@ -184,12 +184,26 @@ def list_files(path: str | os.PathLike, suffixes: tuple[str, ...] | None = PARQU
         and not any(part.startswith((".", "_")) for part in posixpath.relpath(i.path, inner).split("/"))
         and (suffixes is None or i.path.endswith(suffixes))
     )
+    if not files and is_uri(path):
+        _check_bucket(filesystem, inner, path)
     if not files and not missing_ok:
         kind = "/".join(f"*{s}" for s in suffixes) if suffixes else "files"
         if info.type == pafs.FileType.NotFound and not is_uri(path):
             raise FileNotFoundError(f"no file or directory at {os.fspath(path)}")
         raise FileNotFoundError(f"no {kind} under {os.fspath(path)}")
     return filesystem, files
+
+
+def _check_bucket(filesystem, inner: str, path: str | os.PathLike) -> None:
+    """Raise StorageError naming `path` when its bucket (the first path component) does not exist."""
+    import pyarrow.fs as pafs
+
+    bucket = inner.lstrip("/").split("/", 1)[0]
+    with errors_named(path):
+        missing = filesystem.get_file_info(bucket).type == pafs.FileType.NotFound
+    if missing:
+        raise StorageError(f"{os.fspath(path)}: the bucket {bucket!r} does not exist or is not visible to these "
+                           f"credentials (create it, or fix the URI / endpoint)")
 
 
 def list_entries(path: str | os.PathLike):
@@ -245,8 +259,6 @@ def delete_file(path: str | os.PathLike) -> None:
 
 def ensure_writable_dir(path: str | os.PathLike) -> None:
     """Create `path` (a local dir, or check that a URI's bucket is reachable with these credentials)."""
-    import pyarrow.fs as pafs
-
     filesystem, inner = resolve(path)
     with errors_named(path):
         if not is_uri(path):
@@ -254,12 +266,8 @@ def ensure_writable_dir(path: str | os.PathLike) -> None:
             return
         # the bucket must exist: asking about it surfaces missing buckets and bad credentials here, not
         # later inside a worker
-        bucket = inner.split("/", 1)[0]
-        info = filesystem.get_file_info(bucket)
-        if info.type == pafs.FileType.NotFound:
-            raise StorageError(f"{os.fspath(path)}: the bucket {bucket!r} does not exist or is not visible to "
-                               f"these credentials (create it, or fix the URI / endpoint)")
         filesystem.get_file_info(inner)
+    _check_bucket(filesystem, inner, path)
 
 
 def delete_dir_contents(path: str | os.PathLike) -> None:
