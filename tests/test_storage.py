@@ -149,6 +149,45 @@ def test_storage_listing_and_errors_name_the_uri(s3_server, tmp_path):
         os.environ["AWS_SECRET_ACCESS_KEY"] = good
 
 
+def test_imagerewarddb_zips_read_in_place_from_s3(s3_server, tmp_path, capsys):
+    """The hub layout on s3:// (zips read by range requests, nothing extracted) converted to s3://."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from rayapp.cli import main
+    from rayapp.data import storage
+    from rayapp.data.shards import iter_comparisons
+
+    def webp(colour) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), colour).save(buf, format="WEBP", lossless=True)
+        return buf.getvalue()
+
+    records, images = [], {}
+    for pid, prompt, ranks in (("p1", "a cat", [2, 1]), ("p2", "a dog", [1, 3, 2])):
+        for k, rank in enumerate(ranks):
+            path = f"images/test/test_1/{pid}-{k}.webp"
+            images[path] = webp((40 * k + 20, 100, 200 - 50 * k))
+            records.append({"image_path": path, "prompt_id": pid, "prompt": prompt, "classification": "Animals",
+                            "image_amount_in_total": len(ranks), "rank": rank, "overall_rating": 3 + rank,
+                            "image_text_alignment_rating": 4, "fidelity_rating": 5})
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("test_1.json", json.dumps(records))
+        for path, data in images.items():
+            zf.writestr(path.rsplit("/", 1)[1], data)
+    root = f"s3://{BUCKET}/ImageRewardDB"
+    storage.write_bytes(f"{root}/images/test/test_1.zip", archive.getvalue())
+    out = f"s3://{BUCKET}/irdb-shards"
+    assert main(["data", "convert", root, "--split", "test", "--out", out]) == 0
+    assert "as imagerewarddb" in capsys.readouterr().err
+    rows = {r["id"]: r for r in iter_comparisons(f"{out}/test")}
+    assert rows["p2"]["ranking"] == [1, 3, 2] and rows["p2"]["overall_rating"] == [4, 6, 5]
+    assert rows["p1"]["images"] == [images["images/test/test_1/p1-0.webp"], images["images/test/test_1/p1-1.webp"]]
+
+
 def test_convert_to_s3_train_resume_and_score(ray_cluster, s3_server, local_source, tmp_path, capsys):
     import rayapp
     from rayapp.cli import main

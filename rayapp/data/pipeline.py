@@ -264,6 +264,17 @@ def train_data_config(preserve_order: bool = True):
     return DataConfig(datasets_to_split="all", execution_options=options)
 
 
+def val_split_path(data_dir: str | os.PathLike) -> str:
+    """DATA_DIR/val, or DATA_DIR/validation when only that exists (ImageRewardDB's split name)."""
+    from rayapp.data import storage
+
+    val = storage.join(data_dir, "val")
+    validation = storage.join(data_dir, "validation")
+    if storage.file_type(val) == "missing" and storage.file_type(validation) == "dir":
+        return validation
+    return val
+
+
 def build_train_val_datasets(data_dir: str | os.PathLike | None = None, *, image_size: int, max_length: int,
                              tokenizer_dir: str | os.PathLike | None = None,
                              train_path: str | os.PathLike | None = None, val_path: str | os.PathLike | None = None,
@@ -271,7 +282,8 @@ def build_train_val_datasets(data_dir: str | os.PathLike | None = None, *, image
     """`{"train": ..., "val": ...}` for `TorchTrainer(datasets=...)`; workers read `ray.train.get_dataset_shard`.
 
     Paths (local or URIs) default to DATA_DIR/train, DATA_DIR/val and DATA_DIR/tokenizer (the `rayapp data
-    synth` layout). Train is shuffled with `shuffle_seed`; validation keeps file order. `options` go to
+    synth` layout); without a val/, DATA_DIR/validation (what `rayapp data convert --format imagerewarddb`
+    writes). Train is shuffled with `shuffle_seed`; validation keeps file order. `options` go to
     `build_pair_dataset`.
     """
     from rayapp.data import storage
@@ -279,7 +291,7 @@ def build_train_val_datasets(data_dir: str | os.PathLike | None = None, *, image
     if data_dir is None and (train_path is None or val_path is None or tokenizer_dir is None):
         raise ValueError("pass data_dir, or all of train_path, val_path and tokenizer_dir")
     train_path = train_path or storage.join(data_dir, "train")
-    val_path = val_path or storage.join(data_dir, "val")
+    val_path = val_path or val_split_path(data_dir)
     tokenizer_dir = tokenizer_dir or storage.join(data_dir, "tokenizer")
     common = {"image_size": image_size, "tokenizer_dir": tokenizer_dir, "max_length": max_length, **options}
     return {
