@@ -76,8 +76,12 @@ def test_metrics_reach_prometheus(serve_app):
         missing = {key: least for key, least in wanted.items()
                    if total(text, key[0], application="rm", **{key[1]: key[2]}) < least}
     assert not missing, f"not (yet) in Ray's Prometheus export: {missing}"
-    # The score histogram is cumulative: every finite bucket holds at most the +Inf count.
-    buckets = [(labels["le"], value) for labels, value in samples(text, "ray_rayapp_score_bucket_total")
-               if labels.get("model") == "tiny-test" and labels.get("application") == "rm"]
-    inf = dict(buckets)["+Inf"]
-    assert all(value <= inf for _, value in buckets) and len(buckets) > 1
+    # The score histogram is cumulative: every finite bucket holds at most the +Inf count. Each replica
+    # process exports its own series, so sum them per bucket first.
+    buckets: dict[str, float] = {}
+    for labels, value in samples(text, "ray_rayapp_score_bucket_total"):
+        if labels.get("model") == "tiny-test" and labels.get("application") == "rm":
+            buckets[labels["le"]] = buckets.get(labels["le"], 0.0) + value
+    assert len(buckets) > 1 and all(value <= buckets["+Inf"] for value in buckets.values()), buckets
+    ordered = [buckets[le] for le in sorted((le for le in buckets if le != "+Inf"), key=float)]
+    assert ordered == sorted(ordered), buckets
