@@ -232,9 +232,14 @@ def test_pipeline_rows_equal_shared_preprocessing(ray_cluster, synth_dir):
         assert row["input_ids"].tolist() == enc["input_ids"][0]
         assert row["attention_mask"].tolist() == enc["attention_mask"][0]
         assert row["pair_kind"] == pair["pair_kind"]
-    # the shuffle is seeded: the encoded-pair stage run again with the same seed gives the same order
-    again = build_pair_rows(synth_dir / "train", shuffle_seed=5).select_columns(["pair_id"])
-    assert [str(r["pair_id"]) for r in again.iter_rows()] == [r["pair_id"] for r in rows]
+    # the shuffle is seeded: built again with the same seed, the same order; the encoded-pair view has every pair
+    again = build_pair_dataset(synth_dir / "train", image_size=PIPE_SIZE, tokenizer_dir=synth_dir / "tokenizer",
+                               max_length=MAX_LEN, shuffle_seed=5, with_ids=True, concurrency=2)
+    assert [str(p) for b in again.iter_batches(batch_size=64, batch_format="numpy") for p in b["pair_id"]] == \
+        [r["pair_id"] for r in rows]
+    encoded = build_pair_rows(synth_dir / "train", shuffle_seed=5).take_all()
+    assert sorted(str(r["pair_id"]) for r in encoded) == sorted(expected)
+    assert all(bytes(r["image_better"]) == expected[str(r["pair_id"])]["image_better"] for r in encoded)
 
 
 def test_train_shards_are_balanced_and_disjoint(ray_cluster, synth_dir):

@@ -1,15 +1,18 @@
 """Ray Data pipeline: Parquet comparison shards -> (better, worse) pairs -> preprocessed training rows.
 
-read_parquet (local path or URI, through the filesystem of `rayapp.data.storage`) -> `expand_pair_block`
-(one row per unequal-rank pair, image bytes still encoded, built with Arrow `take`s: no per-pair Python
-objects) -> optional seeded random_shuffle (moves compact PNG/JPEG/WebP bytes, not float tensors) ->
-`preprocess_pair_batch` in map_batches *tasks*: each distinct image of a batch is decoded once, cropped with
-the shared `crop_uint8`, and the whole batch normalised at once with `normalize_uint8` (bit-identical to
-`preprocess_pil`); each distinct prompt is tokenised once with a tokenizer cached per worker process.
-
-Why tasks and not an actor pool: a lazy dataset starts its actors again on every pass (every epoch, every
-validation), which on a small host cost seconds per pass; tasks reuse Ray's warm worker processes, and the
-tokenizer cache lives in those processes. Measured with benchmarks/data_pipeline.py (docs/DATA.md).
+Shards are local paths or URIs, read through the filesystem of `rayapp.data.storage` (the filesystem object,
+with the driver's credentials, travels to the tasks). The planner lists the row groups once; then
+1. `decode_pair_chunks`, one task per row group: each image decoded and cropped once (`crop_uint8`, the
+   scorer's own geometry), each prompt tokenised once (tokenizer cached per worker process), pairs made by
+   index (`pair_indices`) -> uint8 crops, token ids, pair_kind;
+2. optional seeded `random_shuffle` of the pair rows;
+3. `normalize_pair_batch`: the whole block normalised at once (`normalize_uint8`, bit-identical to
+   `preprocess_pil`).
+An image is decoded once per pass, not once per pair it belongs to, and the shuffle moves uint8 crops (for
+real photos smaller than their PNG / lossless WebP files). Tasks, not actors: a lazy dataset would start
+its actors again on every pass (epoch, validation), seconds each on a small host, while tasks reuse Ray's
+warm workers. `build_pair_rows` is the encoded-pairs view (image bytes, no decoding) for code that
+preprocesses itself. Figures: benchmarks/data_pipeline.py, docs/DATA.md.
 
 Output columns (DESIGN.md): pixels_better, pixels_worse float32 [3,S,S]; input_ids, attention_mask int64
 [max_length]; pair_kind string ("caption" / "quality" / "both" for the synthetic set, "human" otherwise);
@@ -56,12 +59,9 @@ def _input(path: str | os.PathLike) -> tuple:
     return filesystem, files, list(REQUIRED_COLUMNS) + [c for c in LABEL_COLUMNS if c in names]
 
 
-def expand_pair_block(table):
-    """Ray map_batches fn (pyarrow in and out): one row per unequal-rank pair of every prompt in the block:
-    pair_id, prompt, image_better, image_worse (encoded bytes), pair_kind."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
+def _pair_index(table) -> dict:
+    """Where every unequal-rank pair of a block of prompt rows points: its row, the flat indices of its two
+    images in `images` flattened, its id and kind."""
     ids = table["id"].to_pylist()
     rankings = table["ranking"].to_pylist()
     labels = {c: table[c].to_pylist() for c in LABEL_COLUMNS if c in table.column_names}
@@ -78,23 +78,124 @@ def expand_pair_block(table):
             worse.append(offsets[r] + w)
             pair_ids.append(f"{ids[r]}:{b}>{w}")
             kinds.append(pair_kind(record, b, w))
-    flat = pc.list_flatten(images)
+    return {"rows": np.asarray(rows, dtype=np.int64), "better": np.asarray(better, dtype=np.int64),
+            "worse": np.asarray(worse, dtype=np.int64), "pair_ids": pair_ids, "kinds": kinds, "images": images}
+
+
+def expand_pair_block(table):
+    """Ray map_batches fn (pyarrow in and out): one row per unequal-rank pair of every prompt in the block:
+    pair_id, prompt, image_better, image_worse (encoded bytes), pair_kind."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    index = _pair_index(table)
+    flat = pc.list_flatten(index["images"])
     return pa.table({
-        "pair_id": pa.array(pair_ids, type=pa.string()),
-        "prompt": table["prompt"].take(pa.array(rows, type=pa.int64())),
-        "image_better": flat.take(pa.array(better, type=pa.int64())),
-        "image_worse": flat.take(pa.array(worse, type=pa.int64())),
-        "pair_kind": pa.array(kinds, type=pa.string()),
+        "pair_id": pa.array(index["pair_ids"], type=pa.string()),
+        "prompt": table["prompt"].take(pa.array(index["rows"], type=pa.int64())),
+        "image_better": flat.take(pa.array(index["better"], type=pa.int64())),
+        "image_worse": flat.take(pa.array(index["worse"], type=pa.int64())),
+        "pair_kind": pa.array(index["kinds"], type=pa.string()),
     })
 
 
-def read_pair_files(batch: dict, *, filesystem, columns: list[str]):
-    """Ray map_batches fn: read the Parquet files named in `batch["file"]` and expand them to pairs."""
+def read_units(filesystem, files: list[str]) -> list[dict]:
+    """One read unit per Parquet row group ({"file", "group"}), from the footers: more units than files lets
+    several tasks decode one large shard."""
+    import pyarrow.parquet as pq
+
+    units = []
+    for file in files:
+        groups = pq.ParquetFile(filesystem.open_input_file(file)).metadata.num_row_groups
+        units.extend({"file": file, "group": group} for group in range(groups))
+    return units
+
+
+def _read_units(batch: dict, filesystem, columns: list[str]):
+    """The rows of the units in a batch (`file`, `group`) as one pyarrow Table."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tables = [pq.ParquetFile(filesystem.open_input_file(str(f))).read(columns=columns) for f in batch["file"]]
-    return expand_pair_block(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
+    tables = [pq.ParquetFile(filesystem.open_input_file(str(f))).read_row_group(int(g), columns=columns)
+              for f, g in zip(batch["file"], batch["group"])]
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def read_pair_units(batch: dict, *, filesystem, columns: list[str]):
+    """Ray map_batches fn: read the row groups named in the batch and expand them to encoded pairs."""
+    return expand_pair_block(_read_units(batch, filesystem, columns))
+
+
+def _record_chunks(table, pairs_per_chunk: int):
+    """Consecutive row ranges of a prompt table holding about `pairs_per_chunk` pairs each."""
+    start, count = 0, 0
+    for r, ranking in enumerate(table["ranking"].to_pylist()):
+        count += len(pair_indices(ranking))
+        if count >= pairs_per_chunk:
+            yield start, r + 1
+            start, count = r + 1, 0
+    if start < table.num_rows:
+        yield start, table.num_rows
+
+
+def decode_pair_chunks(batch: dict, *, filesystem, columns: list[str], image_size: int, tokenizer_dir: str,
+                       max_length: int, pairs_per_chunk: int):
+    """Ray map_batches fn (generator): read the row groups named in the batch, decode and crop every image once
+    (`crop_uint8`) and tokenise every prompt once, then yield the pairs in chunks of ~`pairs_per_chunk` rows:
+    pair_id, crop_better / crop_worse (uint8 [S,S,3]), input_ids, attention_mask, pair_kind.
+
+    Decoding before the shuffle decodes an image once per pass instead of once per pair it is in (K-1 times
+    for K images of a prompt); the shuffle then moves uint8 crops, which for real photos (large PNG / lossless
+    WebP) are smaller than the encoded files."""
+    import pyarrow.compute as pc
+
+    from rayapp.model.images import ImageInputError, crop_uint8, load_image
+
+    table = _read_units(batch, filesystem, columns)
+    tokenizer = _tokenizer(tokenizer_dir)
+    for start, stop in _record_chunks(table, pairs_per_chunk):
+        chunk = table.slice(start, stop - start)
+        index = _pair_index(chunk)
+        if not len(index["rows"]):
+            continue
+        flat = pc.list_flatten(index["images"]).to_pylist()
+        owners = np.repeat(np.arange(chunk.num_rows), np.diff(index["images"].offsets.to_numpy()))
+        ids = chunk["id"].to_pylist()
+        crops = []
+        for k, data in enumerate(flat):
+            try:
+                crops.append(crop_uint8(load_image(data, k), image_size))
+            except ImageInputError as err:
+                raise ImageInputError(f"prompt {ids[owners[k]]}: {err}") from err
+        crops = np.stack(crops)
+        enc = tokenizer([str(p) for p in chunk["prompt"].to_pylist()], padding="max_length", truncation=True,
+                        max_length=max_length, return_tensors="np")
+        rows = index["rows"]
+        yield {
+            "pair_id": np.asarray(index["pair_ids"], dtype=object),
+            "crop_better": crops[index["better"]],
+            "crop_worse": crops[index["worse"]],
+            "input_ids": enc["input_ids"].astype(np.int64)[rows],
+            "attention_mask": enc["attention_mask"].astype(np.int64)[rows],
+            "pair_kind": np.asarray(index["kinds"], dtype=object),
+        }
+
+
+def normalize_pair_batch(batch: dict, *, with_ids: bool = False) -> dict:
+    """Ray map_batches fn: uint8 crops -> CLIP-normalised float32 [3,S,S] (`normalize_uint8`, the whole batch
+    at once); the token columns and pair_kind pass through."""
+    from rayapp.model.images import normalize_uint8
+
+    out = {
+        "pixels_better": normalize_uint8(np.asarray(batch["crop_better"])),
+        "pixels_worse": normalize_uint8(np.asarray(batch["crop_worse"])),
+        "input_ids": np.asarray(batch["input_ids"], dtype=np.int64),
+        "attention_mask": np.asarray(batch["attention_mask"], dtype=np.int64),
+        "pair_kind": np.asarray([str(k) for k in batch["pair_kind"]], dtype=object),
+    }
+    if with_ids:
+        out["pair_id"] = np.asarray([str(p) for p in batch["pair_id"]], dtype=object)
+    return out
 
 
 def pair_rows(record: dict) -> list[dict]:
@@ -165,18 +266,6 @@ def preprocess_pair_batch(batch: dict, *, image_size: int, tokenizer_dir: str, m
     return out
 
 
-class PairPreprocessor:
-    """map_batches callable class around `preprocess_pair_batch`, for callers that want an actor pool."""
-
-    def __init__(self, image_size: int, tokenizer_dir: str, max_length: int, with_ids: bool = False):
-        self.options = {"image_size": image_size, "tokenizer_dir": tokenizer_dir, "max_length": max_length,
-                        "with_ids": with_ids}
-        _tokenizer(tokenizer_dir)
-
-    def __call__(self, batch: dict) -> dict:
-        return preprocess_pair_batch(batch, **self.options)
-
-
 TENSOR_COLUMNS = ("pixels_better", "pixels_worse", "input_ids", "attention_mask")
 
 
@@ -207,9 +296,10 @@ def build_pair_rows(path: str | os.PathLike, *, shuffle_seed: int | None = None,
     import ray
 
     filesystem, files, columns = _input(path)
-    # one read-and-expand task per file, listed here: read_parquet would spend a task per pass listing them
-    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-    ds = ds.map_batches(read_pair_files, fn_kwargs={"filesystem": filesystem, "columns": columns},
+    units = read_units(filesystem, files)
+    # units listed here: read_parquet would spend a task per pass listing the files
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(read_pair_units, fn_kwargs={"filesystem": filesystem, "columns": columns},
                         batch_format="pyarrow", batch_size=1, num_cpus=cpus_per_task)
     if shuffle_seed is not None:
         ds = ds.random_shuffle(seed=shuffle_seed, num_cpus=cpus_per_task)
@@ -233,24 +323,37 @@ def build_pair_dataset(path: str | os.PathLike, *, image_size: int, tokenizer_di
     through the parallel preprocessing tasks, so a seed fixes the output order when iterating this
     dataset directly; Ray Train replaces the execution options with its DataConfig's (see
     `train_data_config`), and `streaming_split` hands blocks to whichever worker asks first.
-    `concurrency`: preprocessing tasks at once (default 2). `preprocess_actors` (older name, int or
-    (min, max)) is read as the same bound. Preprocessing works on blocks of `max(batch_size, rows_per_block)`
-    pairs; `batch_size` is what consumers are expected to iterate with. `tokenizer_dir` may be a URI (copied
-    to a local cache once).
+    Stages: one task per Parquet row group reads, decodes and crops each image once and tokenises each
+    prompt once (`decode_pair_chunks`, uint8 crops out) -> seeded shuffle -> `normalize_pair_batch`.
+    `concurrency`: tasks of each of those stages at once (default 2). `preprocess_actors` (older name, int
+    or (min, max)) is read as the same bound. Blocks hold `max(batch_size, rows_per_block)` pairs;
+    `batch_size` is what consumers are expected to iterate with. `tokenizer_dir` may be a URI (copied to a
+    local cache once).
     """
+    import ray
+
     from rayapp.data import storage
 
     if concurrency is None:
         bound = preprocess_actors if preprocess_actors is not None else DEFAULT_CONCURRENCY
         concurrency = max(bound) if isinstance(bound, tuple) else int(bound)
     block = max(batch_size, rows_per_block)
-    ds = build_pair_rows(path, shuffle_seed=shuffle_seed, cpus_per_task=cpus_per_task, rows_per_block=block)
+    filesystem, files, columns = _input(path)
+    units = read_units(filesystem, files)
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(
-        preprocess_pair_batch,
-        fn_kwargs={"image_size": image_size, "tokenizer_dir": storage.local_dir(tokenizer_dir),
-                   "max_length": max_length, "with_ids": with_ids},
-        batch_size=block, batch_format="numpy", concurrency=concurrency, num_cpus=cpus_per_task,
+        decode_pair_chunks,
+        fn_kwargs={"filesystem": filesystem, "columns": columns, "image_size": image_size,
+                   "tokenizer_dir": storage.local_dir(tokenizer_dir), "max_length": max_length,
+                   "pairs_per_chunk": block},
+        batch_size=1, batch_format="numpy", concurrency=concurrency, num_cpus=cpus_per_task,
     )
+    if shuffle_seed is not None:
+        ds = ds.random_shuffle(seed=shuffle_seed, num_cpus=cpus_per_task)
+    ds = ds.repartition(target_num_rows_per_block=block)
+    ds = ds.map_batches(normalize_pair_batch, fn_kwargs={"with_ids": with_ids}, batch_size=block,
+                        batch_format="numpy", concurrency=concurrency, num_cpus=cpus_per_task)
+    # units finish in any order; without this the shuffle's input order, and so its output, varies
     ds.context.execution_options.preserve_order = preserve_order
     return ds
 

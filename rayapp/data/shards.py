@@ -35,6 +35,8 @@ COMPARISON_SCHEMA = pa.schema(COMPARISON_FIELDS)
 SYNTH_SCHEMA = pa.schema(COMPARISON_FIELDS + SYNTH_FIELDS)
 IMAGEREWARDDB_SCHEMA = pa.schema(COMPARISON_FIELDS + IMAGEREWARDDB_FIELDS)
 DEFAULT_ROWS_PER_SHARD = 256
+# prompts per Parquet row group: the unit one pipeline task reads, so one shard feeds several tasks
+ROWS_PER_ROW_GROUP = 32
 
 
 class ShardWriter:
@@ -68,7 +70,7 @@ class ShardWriter:
         columns = {f.name: [row[f.name] for row in self._pending] for f in self.schema}
         table = pa.Table.from_pydict(columns, schema=self.schema)
         path = self.out_dir / f"part-{len(self.paths):05d}.parquet"
-        pq.write_table(table, path)
+        pq.write_table(table, path, row_group_size=ROWS_PER_ROW_GROUP)
         self.paths.append(path)
         self.rows_written += len(self._pending)
         self._pending = []
