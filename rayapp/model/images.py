@@ -140,8 +140,8 @@ def crop_uint8(img: Image.Image, image_size: int) -> np.ndarray:
     new_w, new_h = resized_size(*img.size, image_size)
     if (new_w, new_h) != img.size:
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left = int(round((new_w - image_size) / 2.0))
-    top = int(round((new_h - image_size) / 2.0))
+    left = round((new_w - image_size) / 2.0)
+    top = round((new_h - image_size) / 2.0)
     img = img.crop((left, top, left + image_size, top + image_size))
     img = img.convert("RGB")  # after the crop, as the reference does (matters for palette / alpha images)
     return np.asarray(img, dtype=np.uint8)
@@ -174,8 +174,8 @@ def preprocess_tensor(images_0_1: torch.Tensor, image_size: int) -> torch.Tensor
     x = images_0_1
     if (new_h, new_w) != (height, width):
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-    top = int(round((new_h - image_size) / 2.0))
-    left = int(round((new_w - image_size) / 2.0))
+    top = round((new_h - image_size) / 2.0)
+    left = round((new_w - image_size) / 2.0)
     x = x[:, :, top : top + image_size, left : left + image_size]
     mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
