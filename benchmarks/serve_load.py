@@ -6,13 +6,13 @@
     python benchmarks/serve_load.py --device cuda --num-gpus 1 --max-batch-size 64 --requests 2048 --library-images 2048
     python benchmarks/serve_load.py --route score            # base64 JSON /v1/score instead of raw-bytes /v1/score_batch
 
-Same model, same images, same machine, one after the other:
-  library  `model.score(prompt, png_bytes, batch_size=B)` in this process (decode + preprocess + forward), torch
-           threads = the replica's;
+Same model, same images, same machine, in alternating rounds (so a change in machine load hits both sides):
+  library  `model.score(prompt, png_bytes, batch_size=B)` (decode + preprocess + forward) in a Ray actor with the
+           replica's CPU share and torch threads;
   serving  `--clients` asyncio clients (httpx, keep-alive) each posting `--images-per-request` PNGs to the
            endpoint (Serve proxy -> RewardAPI: read, decode, resize -> RewardScorer: dynamic batching, forward).
-Prints both rates and their ratio (goal >= 0.8), p50/p99 latency and mean batch size, then where the serving
-wall time went: the model replica's forward time (from its own counters), the share of it, and the rest.
+Prints both rates per round and the median ratio (goal >= 0.8), p50/p99 latency and mean batch size, then where
+the serving wall time went: the model replica's forward time (from its own counters), its share, and the rest.
 Figures only, no assertions.
 """
 from __future__ import annotations
@@ -69,22 +69,25 @@ def make_images(n: int, side: int) -> list[bytes]:
     return out
 
 
-def library_rate(model_dir: str, images: list[bytes], n: int, batch_size: int, dtype: str, device: str,
-                 threads: int) -> float:
-    """Images/s of rayapp's batched scoring from PNG bytes (decode + preprocess + forward), after a warm-up."""
-    import torch
+class LibraryScorer:
+    """The library side, in a Ray actor sized like the model replica, so both run in the same kind of process
+    (Ray workers get OMP_NUM_THREADS from their CPU share) on the same CPUs."""
 
-    import rayapp
+    def __init__(self, model_dir: str, dtype: str, device: str, threads: int):
+        import torch
 
-    torch.set_num_threads(threads)
-    model = rayapp.load(model_dir, device=device, dtype=dtype)
-    work = [images[i % len(images)] for i in range(n)]
-    model.score(PROMPT, work[:min(4, n)], batch_size=batch_size)  # first-call kernel set-up
-    start = time.perf_counter()
-    model.score(PROMPT, work, batch_size=batch_size)
-    rate = n / (time.perf_counter() - start)
-    del model
-    return rate
+        import rayapp
+
+        torch.set_num_threads(threads)
+        self.model = rayapp.load(model_dir, device=device, dtype=dtype)
+
+    def rate(self, images: list[bytes], n: int, batch_size: int) -> float:
+        """Images/s of rayapp's batched scoring from PNG bytes (decode + preprocess + forward), after a warm-up."""
+        work = [images[i % len(images)] for i in range(n)]
+        self.model.score(PROMPT, work[:min(4, n)], batch_size=batch_size)  # first-call kernel set-up
+        start = time.perf_counter()
+        self.model.score(PROMPT, work, batch_size=batch_size)
+        return n / (time.perf_counter() - start)
 
 
 async def run_load(url: str, clients: int, requests: int, images: list[bytes], per_request: int, route: str) -> dict:
@@ -146,9 +149,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients (default: 32)")
-    parser.add_argument("--requests", type=int, default=64, help="requests measured (default: 64, after a warm-up)")
+    parser.add_argument("--requests", type=int, default=48, help="requests measured per round (after a warm-up)")
     parser.add_argument("--images-per-request", type=int, default=1)
-    parser.add_argument("--library-images", type=int, default=64, help="images in the library measurement")
+    parser.add_argument("--library-images", type=int, default=48, help="images per library measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating library / serving rounds")
     parser.add_argument("--image-side", type=int, default=512, help="pixels per side of the PNGs sent")
     parser.add_argument("--route", choices=["score_batch", "score"], default="score_batch")
     parser.add_argument("--max-batch-size", type=int, default=16, help="serving batch = library batch size")
@@ -174,10 +178,6 @@ def main() -> None:
           f"images/request={args.images_per_request} route=/v1/{args.route}  (set-up {time.perf_counter() - t0:.0f} s)",
           flush=True)
 
-    lib = library_rate(model, images, args.library_images, args.max_batch_size, args.dtype, args.device,
-                       args.num_threads)
-    print(f"library  rayapp score(batch_size={args.max_batch_size}): {lib:8.2f} img/s", flush=True)
-
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
@@ -185,6 +185,7 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
+    rounds = []
     try:
         app_args = AppArgs(
             model=model, name="bench", device=args.device, dtype=args.dtype, num_threads=args.num_threads,
@@ -195,30 +196,40 @@ def main() -> None:
                             "ray_actor_options": {"num_cpus": 1, "num_gpus": args.num_gpus}},
             api_options={"num_replicas": 1, "max_ongoing_requests": 4 * args.clients},
         )
+        library = ray.remote(num_cpus=1, num_gpus=args.num_gpus)(LibraryScorer).remote(
+            model, args.dtype, args.device, args.num_threads)
         serve.run(build_app(app_args), name="rm", route_prefix="/")
+        ray.get(library.rate.remote(images, 1, 1))  # loaded
         # Warm-up: first forward passes and connections, outside the measurement.
         asyncio.run(run_load(url, args.clients, args.clients, images, args.images_per_request, args.route))
-        before = scorer_stats()
-        r = asyncio.run(run_load(url, args.clients, args.requests, images, args.images_per_request, args.route))
-        after = scorer_stats()
+        for rnd in range(1, args.rounds + 1):
+            lib = ray.get(library.rate.remote(images, args.library_images, args.max_batch_size))
+            before = scorer_stats()
+            r = asyncio.run(run_load(url, args.clients, args.requests, images, args.images_per_request, args.route))
+            after = scorer_stats()
+            forward = after["forward_seconds"] - before["forward_seconds"]
+            r.update(library_img_s=lib, ratio=r["img_s"] / lib, replica_forward_s=forward,
+                     replica_img_s=(after["images"] - before["images"]) / forward if forward else float("nan"))
+            rounds.append(r)
+            print(f"round {rnd}: library {lib:7.2f} img/s | serving {r['img_s']:7.2f} img/s ({r['req_s']:.2f} req/s, "
+                  f"p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, mean batch {r['mean_batch']:.1f}, "
+                  f"errors {r['errors']}) | ratio {r['ratio']:.3f} | model replica busy {forward:.1f} of "
+                  f"{r['seconds']:.1f} s at {r['replica_img_s']:.2f} img/s", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    forward = after["forward_seconds"] - before["forward_seconds"]
-    replica_rate = (after["images"] - before["images"]) / forward if forward else float("nan")
-    ratio = r["img_s"] / lib
-    print(f"serving  HTTP, {args.clients} clients:            {r['img_s']:8.2f} img/s  ({r['req_s']:.2f} req/s, "
-          f"p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, mean batch {r['mean_batch']:.1f}, errors {r['errors']})")
-    print(f"overhead ratio serving / library = {ratio:.3f}  (goal >= 0.8)")
-    print(f"where the serving time went: {r['seconds']:.1f} s wall; the model replica computed for {forward:.1f} s "
-          f"({100 * forward / r['seconds']:.0f}%) at {replica_rate:.2f} img/s inside the replica "
-          f"({replica_rate / lib:.2f}x the library rate); the rest is request handling, decoding and waiting for "
-          "batches", flush=True)
+    ratio = statistics.median(r["ratio"] for r in rounds)
+    busy = sum(r["replica_forward_s"] for r in rounds) / sum(r["seconds"] for r in rounds)
+    replica = statistics.median(r["replica_img_s"] for r in rounds)
+    lib = statistics.median(r["library_img_s"] for r in rounds)
+    print(f"overhead ratio serving / library = {ratio:.3f} (median of {len(rounds)} rounds; goal >= 0.8)")
+    print(f"where the serving time went: the model replica was computing {100 * busy:.0f}% of the wall time, at "
+          f"{replica:.2f} img/s = {replica / lib:.2f}x the library's rate (its forward passes alone; the library's "
+          "figure includes decoding); the rest of the wall time is request handling, decoding and batch waits",
+          flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "library_img_s": lib, "serving": r, "ratio": ratio, "replica_forward_s": forward,
-            "replica_img_s": replica_rate, "args": vars(args)}, indent=2))
+        Path(args.json).write_text(json.dumps({"ratio": ratio, "rounds": rounds, "args": vars(args)}, indent=2))
 
 
 if __name__ == "__main__":
