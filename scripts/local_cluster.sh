@@ -266,12 +266,11 @@ stop_nodes() {
 
 cmd_down() {
     # Idempotent: everything named after this cluster goes, whether `up` finished or not.
-    local ns link workers=()
+    local ns link nodes=()
     for node in $(node_names); do
-        [[ "$node" == head ]] || workers+=("$node")
+        nodes+=("$node")
     done
-    (( ${#workers[@]} )) && stop_nodes "${workers[@]}"
-    [[ -e "$STATE/nodes/head" ]] && stop_nodes head
+    (( ${#nodes[@]} )) && stop_nodes "${nodes[@]}"
     for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$NAME-" || true); do
         kill_namespace "$ns"
         ip netns delete "$ns" 2>/dev/null || true

@@ -150,8 +150,8 @@ def assert_resumed_without_lost_or_repeated_updates(run: NodeLossRun, total_step
     assert update_history(run.final) == list(range(total_steps)), (
         f"updates lost or repeated: {update_history(run.final)}")
     assert run.final.get("step") == total_steps
-    restarts = run.final.get("restarts")
-    assert restarts is not None and 1 <= restarts <= 3, f"restart count {restarts} (expected 1: one lost node)"
+    # Restores from a checkpoint: one lost host, one restart (a group that failed to start never restores).
+    assert run.final.get("restarts") == 1, f"restart count {run.final.get('restarts')} (expected 1: one lost host)"
     groups = worker_ip_lines(run.output)
     assert len(groups) >= 2, f"no second worker group after the node loss:\n{run.output[-6000:]}"
     assert run.killed_ip not in groups[-1], f"a worker still placed on the killed host: {groups}"
@@ -194,7 +194,7 @@ def sample_images() -> list[bytes]:
 # ---------------------------------------------------------------------------------------------------------
 # item 1 + 2: reward-model training across hosts, then a host lost mid-run
 # ---------------------------------------------------------------------------------------------------------
-RM_STEPS = 24
+RM_STEPS = 16
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def rm_run(cluster, work_dir) -> NodeLossRun:
     entrypoint = [
         "python", "jobs/train_rm.py", "--output-dir", str(out), "--storage-path", str(work_dir / "rm-storage"),
         "--run-name", "rm", "--num-workers", "2", "--placement-strategy", "SPREAD", "--max-steps", str(RM_STEPS),
-        "--checkpoint-every", "4", "--max-failures", "3", "--synth-prompts", "60", "--synth-per-prompt", "4",
+        "--checkpoint-every", "4", "--max-failures", "3", "--synth-prompts", "40", "--synth-per-prompt", "4",
         "--log-every", "4", "--no-eval",
     ]
     return run_with_node_loss(cluster, "train_rm", entrypoint, work_dir / "rm-storage" / "rm", work_dir,
@@ -225,7 +225,7 @@ def test_train_rm_resumes_after_losing_a_host(rm_run):
 # ---------------------------------------------------------------------------------------------------------
 # ReFL across hosts, then a host lost mid-run
 # ---------------------------------------------------------------------------------------------------------
-REFL_STEPS = 16
+REFL_STEPS = 12
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +347,7 @@ def serve_app(cluster, work_dir, tiny_rm_dir):
         print(f"\n[serve] both deployments running 2 replicas after {time.monotonic() - started:.1f} s")
         yield cluster
     finally:
-        stop_process_group(process, grace_s=20)
+        stop_process_group(process, grace_s=3)  # the module's cluster teardown removes Serve with the hosts
 
 
 def test_serve_replicas_on_two_hosts_score_through_head_and_worker_proxies(serve_app, tiny_rm_dir,
