@@ -11,8 +11,10 @@ Same model, same images, same machine, in alternating rounds (so a change in mac
            replica's CPU share and torch threads;
   serving  `--clients` asyncio clients (httpx, keep-alive) each posting `--images-per-request` PNGs to the
            endpoint (Serve proxy -> RewardAPI: read, decode, resize -> RewardScorer: dynamic batching, forward).
-Prints both rates per round and the median ratio (goal >= 0.8), p50/p99 latency and mean batch size, then where
-the serving wall time went: the model replica's forward time (from its own counters), its share, and the rest.
+The library is measured at the serving max batch size and at the mean batch size serving actually ran (on a
+small CPU a smaller batch can be faster per image); the ratio is taken against the better of the two. Prints
+both rates per round and the median ratio (goal >= 0.8), p50/p99 latency and mean batch size, then where the
+serving wall time went: the model replica's forward time (from its own counters), its share, and the rest.
 Figures only, no assertions.
 """
 from __future__ import annotations
@@ -151,7 +153,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients (default: 32)")
     parser.add_argument("--requests", type=int, default=48, help="requests measured per round (after a warm-up)")
     parser.add_argument("--images-per-request", type=int, default=1)
-    parser.add_argument("--library-images", type=int, default=48, help="images per library measurement")
+    parser.add_argument("--library-images", type=int, default=32, help="images per library measurement")
     parser.add_argument("--rounds", type=int, default=2, help="alternating library / serving rounds")
     parser.add_argument("--image-side", type=int, default=512, help="pixels per side of the PNGs sent")
     parser.add_argument("--route", choices=["score_batch", "score"], default="score_batch")
@@ -203,18 +205,24 @@ def main() -> None:
         # Warm-up: first forward passes and connections, outside the measurement.
         asyncio.run(run_load(url, args.clients, args.clients, images, args.images_per_request, args.route))
         for rnd in range(1, args.rounds + 1):
-            lib = ray.get(library.rate.remote(images, args.library_images, args.max_batch_size))
             before = scorer_stats()
             r = asyncio.run(run_load(url, args.clients, args.requests, images, args.images_per_request, args.route))
             after = scorer_stats()
+            # The library at the serving batch size, and at the batch size serving actually ran: on a small CPU
+            # a smaller batch can be faster per image, and the ratio is taken against the library's better rate.
+            served_batch = max(1, round(r["mean_batch"]))
+            libs = {b: ray.get(library.rate.remote(images, args.library_images, b))
+                    for b in sorted({args.max_batch_size, served_batch})}
+            lib = max(libs.values())
             forward = after["forward_seconds"] - before["forward_seconds"]
-            r.update(library_img_s=lib, ratio=r["img_s"] / lib, replica_forward_s=forward,
+            r.update(library_img_s=lib, library_by_batch=libs, ratio=r["img_s"] / lib, replica_forward_s=forward,
                      replica_img_s=(after["images"] - before["images"]) / forward if forward else float("nan"))
             rounds.append(r)
-            print(f"round {rnd}: library {lib:7.2f} img/s | serving {r['img_s']:7.2f} img/s ({r['req_s']:.2f} req/s, "
-                  f"p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, mean batch {r['mean_batch']:.1f}, "
-                  f"errors {r['errors']}) | ratio {r['ratio']:.3f} | model replica busy {forward:.1f} of "
-                  f"{r['seconds']:.1f} s at {r['replica_img_s']:.2f} img/s", flush=True)
+            shown = ", ".join(f"batch {b}: {v:.2f}" for b, v in libs.items())
+            print(f"round {rnd}: serving {r['img_s']:7.2f} img/s ({r['req_s']:.2f} req/s, p50 {r['p50_s']:.2f} s, "
+                  f"p99 {r['p99_s']:.2f} s, mean batch {r['mean_batch']:.1f}, errors {r['errors']}) | library img/s "
+                  f"{shown} | ratio {r['ratio']:.3f} | model replica busy {forward:.1f} of {r['seconds']:.1f} s at "
+                  f"{r['replica_img_s']:.2f} img/s", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
