@@ -43,10 +43,11 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) ->
 
 
 @pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
+def s3_server(ray_cluster, tmp_path_factory):
     """moto in server mode with authentication on: the first 3 actions (unauthenticated) create an IAM user, its
     allow-all policy and its access key; every later request must be signed with that key. The AWS_* variables
-    of this process point at it for the module, then are restored."""
+    of this process point at it for the module, then are restored. The Ray cluster is started first, so its
+    workers never see them: what reaches S3 from a worker carries the driver's credentials itself."""
     import boto3
     import pyarrow.fs as pafs
 

@@ -36,6 +36,7 @@ import csv
 import json
 import math
 import os
+import posixpath
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -218,33 +219,37 @@ def read_unit(unit: dict, filesystem=None) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def _readable(item: Any, base: str | None, filesystem) -> Any:
-    """An image cell as `load_image` takes it: a relative path, or an image dict without bytes, is read
-    (relative to `base`) through `filesystem`; everything else passes through."""
-    from rayapp.model.images import is_hf_image
+def _readable(item: Any, index: int, folder: str | None, folder_inner: str | None, filesystem) -> Any:
+    """An image cell as `load_image` takes it. A relative path, or an image dict without bytes, points into
+    `folder` (a local dir: the joined path is returned and `load_image` reads it; a URI: the bytes are read
+    here at `folder_inner` through `filesystem`, the driver's, which carries its credentials). Everything
+    else passes through."""
+    from rayapp.data import storage
+    from rayapp.model.images import ImageInputError, is_hf_image
 
     path = item.get("path") if is_hf_image(item) and item.get("bytes") is None else item
-    if not isinstance(path, str) or base is None:
+    if not isinstance(path, str) or not path or folder is None or os.path.isabs(path) or storage.is_uri(path):
         return item
-    from rayapp.data import storage
-
-    full = path if (os.path.isabs(path) or storage.is_uri(path)) else storage.join(base, path)
-    if not storage.is_uri(full):
-        return full  # load_image reads local files itself (and names a missing one)
+    if not storage.is_uri(folder):
+        return os.path.join(folder, path)
+    if filesystem is None or folder_inner is None:
+        filesystem, folder_inner = storage.resolve(folder)
     try:
-        return storage.read_bytes(full)
-    except FileNotFoundError:
-        return full  # reported by load_image as "no such file"
+        with filesystem.open_input_file(posixpath.join(folder_inner, path)) as handle:
+            return handle.read()
+    except FileNotFoundError as err:
+        raise ImageInputError(f"image[{index}] ({storage.join(folder, path)!r}): no such file") from err
 
 
-def decode_all(images: list, base: str | None = None, filesystem=None) -> tuple[list, list[str | None]]:
+def decode_all(images: list, folder: str | None = None, filesystem=None, folder_inner: str | None = None
+               ) -> tuple[list, list[str | None]]:
     """Decode every image input once (PIL); undecodable ones become None with the reason."""
     from rayapp.model.images import ImageInputError, load_image
 
     decoded, errors = [], []
     for index, item in enumerate(images):
         try:
-            decoded.append(load_image(_readable(item, base, filesystem), index))
+            decoded.append(load_image(_readable(item, index, folder, folder_inner, filesystem), index))
             errors.append(None)
         except ImageInputError as err:
             decoded.append(None)
@@ -257,12 +262,13 @@ class ScoreActor:
     and adds one `score_<label>` column per scorer plus `score_error`.
 
     `folder`: the image folder (folder input) or the input's directory (relative image paths of Parquet
-    input); `filesystem`: where the planned Parquet files live (None: local paths).
+    input), `folder_inner` its path inside `filesystem`, the driver's filesystem of the input (None: local
+    paths).
     """
 
     def __init__(self, specs: list[str], fmt: str, image_column: str, prompt_column: str, folder: str | None,
                  batch_size: int, device: str | None, dtype: str | None, tokenizer: str | None,
-                 filesystem=None, drop_columns: tuple[str, ...] = ()):
+                 filesystem=None, drop_columns: tuple[str, ...] = (), folder_inner: str | None = None):
         import torch
 
         from rayapp.eval.scorers import load_scorer, parse_spec
@@ -275,6 +281,7 @@ class ScoreActor:
         self.folder = None if folder is None else os.fspath(folder)
         self.batch_size = batch_size
         self.filesystem = filesystem
+        self.folder_inner = folder_inner
         self.drop_columns = tuple(drop_columns)
 
     def __call__(self, batch: dict):
@@ -300,7 +307,7 @@ class ScoreActor:
             column = "path" if self.fmt == "folder" else self.image_column
             flat_images = table[column].to_pylist()
         flat_prompts = [p for p, n in zip(prompts, lengths) for _ in range(n)]
-        decoded, errors = decode_all(flat_images, self.folder, self.filesystem)
+        decoded, errors = decode_all(flat_images, self.folder, self.filesystem, self.folder_inner)
         good = [i for i, img in enumerate(decoded) if img is not None]
         row_errors, pos = [], 0
         for n in lengths:
@@ -463,7 +470,7 @@ def run_score_job(config: ScoreJobConfig) -> ScoreJobResult:
         return result
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    input_filesystem = storage.resolve(config.input)[0] if fmt != "folder" else None
+    input_filesystem = storage.resolve(config.input)[0]
     if fmt == "folder":
         base = config.input
     else:
@@ -479,7 +486,7 @@ def run_score_job(config: ScoreJobConfig) -> ScoreJobResult:
                                "image_column": config.image_column, "prompt_column": config.prompt_column,
                                "folder": base, "batch_size": config.batch_size, "device": config.device,
                                "dtype": config.dtype, "tokenizer": config.tokenizer, "filesystem": input_filesystem,
-                               "drop_columns": drop},
+                               "drop_columns": drop, "folder_inner": storage.resolve(base)[1]},
         batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=config.concurrency),
         num_cpus=config.num_cpus, num_gpus=config.num_gpus or None,
     )
