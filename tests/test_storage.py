@@ -214,6 +214,14 @@ def test_convert_to_s3_train_resume_and_score(ray_cluster, s3_server, local_sour
                  "--out", f"{data}/val"]) == 2
     assert f"{data}/val is not empty" in capsys.readouterr().err
 
+    # ---- the pair pipeline straight from s3:// (shards and tokenizer; the workers have no credentials of their own)
+    from rayapp.data.pipeline import build_pair_dataset
+
+    ds = build_pair_dataset(f"{data}/val", image_size=32, tokenizer_dir=f"{data}/tokenizer", max_length=12,
+                            with_ids=True)
+    got = [str(p) for batch in ds.iter_batches(batch_size=64, batch_format="numpy") for p in batch["pair_id"]]
+    assert len(got) == len(set(got)) == pair_stats(local_source / "synth" / "val")["pairs"]
+
     # ---- train a few updates from s3:// with checkpoints in s3://, then resume from the checkpoint
     ckpt = f"s3://{BUCKET}/checkpoints"
     # the tokenizer is passed as a local dir: rayapp.rm's own copy of <data_dir>/tokenizer from a URI writes into

@@ -139,7 +139,7 @@ def _record_chunks(table, pairs_per_chunk: int):
 
 
 def decode_pair_chunks(batch: dict, *, filesystem, columns: list[str], image_size: int, tokenizer_dir: str,
-                       max_length: int, pairs_per_chunk: int):
+                       max_length: int, pairs_per_chunk: int, tokenizer_via=None):
     """Ray map_batches fn (generator): read the row groups named in the batch, decode and crop every image once
     (`crop_uint8`) and tokenise every prompt once, then yield the pairs in chunks of ~`pairs_per_chunk` rows:
     pair_id, crop_better / crop_worse (uint8 [S,S,3]), input_ids, attention_mask, pair_kind.
@@ -152,7 +152,7 @@ def decode_pair_chunks(batch: dict, *, filesystem, columns: list[str], image_siz
     from rayapp.model.images import ImageInputError, crop_uint8, load_image
 
     table = _read_units(batch, filesystem, columns)
-    tokenizer = _tokenizer(tokenizer_dir)
+    tokenizer = _tokenizer(tokenizer_dir, tokenizer_via)
     for start, stop in _record_chunks(table, pairs_per_chunk):
         chunk = table.slice(start, stop - start)
         index = _pair_index(chunk)
@@ -209,12 +209,14 @@ def pair_rows(record: dict) -> list[dict]:
 _TOKENIZERS: dict[str, object] = {}
 
 
-def _tokenizer(tokenizer_dir: str):
-    """The tokenizer of `tokenizer_dir`, loaded once per worker process (Ray reuses its workers)."""
+def _tokenizer(tokenizer_dir: str, via=None):
+    """The tokenizer of `tokenizer_dir`, loaded once per worker process (Ray reuses its workers). A URI is
+    copied to this node's local cache first, through `via` = (the driver's filesystem, path inside it)."""
     if tokenizer_dir not in _TOKENIZERS:
+        from rayapp.data.storage import local_dir
         from rayapp.model.tokenizer import load_tokenizer
 
-        _TOKENIZERS[tokenizer_dir] = load_tokenizer(tokenizer_dir)
+        _TOKENIZERS[tokenizer_dir] = load_tokenizer(local_dir(tokenizer_dir, via=via))
     return _TOKENIZERS[tokenizer_dir]
 
 
@@ -340,11 +342,14 @@ def build_pair_dataset(path: str | os.PathLike, *, image_size: int, tokenizer_di
     block = max(batch_size, rows_per_block)
     filesystem, files, columns = _input(path)
     units = read_units(filesystem, files)
+    tokenizer = os.fspath(tokenizer_dir) if storage.is_uri(tokenizer_dir) else os.path.abspath(tokenizer_dir)
+    # a URI tokenizer is fetched by each node itself, with the driver's filesystem (and credentials)
+    via = storage.resolve(tokenizer) if storage.is_uri(tokenizer) else None
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(
         decode_pair_chunks,
         fn_kwargs={"filesystem": filesystem, "columns": columns, "image_size": image_size,
-                   "tokenizer_dir": storage.local_dir(tokenizer_dir), "max_length": max_length,
+                   "tokenizer_dir": tokenizer, "tokenizer_via": via, "max_length": max_length,
                    "pairs_per_chunk": block},
         batch_size=1, batch_format="numpy", concurrency=concurrency, num_cpus=cpus_per_task,
     )

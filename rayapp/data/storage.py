@@ -299,27 +299,35 @@ def download_dir(source: str | os.PathLike, local_dir: str | os.PathLike) -> str
     return os.fspath(local_dir)
 
 
-def local_dir(path: str | os.PathLike, cache_root: str | os.PathLike | None = None) -> str:
+def local_dir(path: str | os.PathLike, cache_root: str | os.PathLike | None = None, *, via=None) -> str:
     """A local directory holding `path`'s files: `path` itself when local, else a downloaded copy.
 
     For things that only load from disk (tokenizers). Copies go under `cache_root` (default: a per-user
-    temp dir keyed by the URI), reused when already there.
+    temp dir keyed by the URI), reused when already there. `via=(filesystem, inner path)` downloads through
+    a filesystem made elsewhere (the driver's, with its credentials) instead of resolving `path` here.
     """
     text = os.fspath(path)
     if not is_uri(text):
         return os.path.abspath(text)
     import hashlib
+    import shutil
     import tempfile
+
+    import pyarrow.fs as pafs
 
     root = cache_root or os.path.join(tempfile.gettempdir(), f"rayapp-cache-{os.getuid()}")
     target = os.path.join(root, hashlib.sha1(text.encode()).hexdigest()[:16])
     if not os.path.isdir(target) or not os.listdir(target):
         partial = f"{target}.partial-{os.getpid()}"
-        download_dir(text, partial)
+        if via is None:
+            download_dir(text, partial)
+        else:
+            os.makedirs(partial, exist_ok=True)
+            with errors_named(text):
+                pafs.copy_files(via[1], partial, source_filesystem=via[0],
+                                destination_filesystem=pafs.LocalFileSystem())
         try:
             os.replace(partial, target)
         except OSError:  # another process won the race; its copy is as good
-            import shutil
-
             shutil.rmtree(partial, ignore_errors=True)
     return target
