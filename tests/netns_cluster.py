@@ -42,6 +42,44 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def session_name(prefix: str) -> str:
+    """`prefix` + this process's PID in base 36 (short: interface names are limited to 15 characters)."""
+    pid, digits = os.getpid(), ""
+    while True:
+        pid, rest = divmod(pid, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[rest] + digits
+        if not pid:
+            return prefix + digits
+
+
+def _creator_alive(name: str, prefix: str) -> bool:
+    try:
+        pid = int(name[len(prefix):].split("-")[0], 36)
+        os.kill(pid, 0)
+    except ValueError:
+        return True  # not one of ours
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def sweep_stale_namespaces(prefix: str) -> None:
+    """Remove what test sessions killed outright (no teardown ran) left behind: the namespaces named
+    `prefix<pid>-...` of PIDs that no longer exist, with their clusters (scripts/local_cluster.sh down)."""
+    if netns_unavailable_reason() is not None:
+        return
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30, check=False)
+    names = {line.split()[0] for line in listing.stdout.splitlines() if line.startswith(prefix)}
+    for stale in sorted({n.split("-")[0] for n in names if not _creator_alive(n, prefix)}):
+        subprocess.run(["bash", str(SCRIPT), "down"], env=cli_env(RAYAPP_CLUSTER_NAME=stale), capture_output=True,
+                       timeout=120, check=False)
+        for namespace in sorted(n for n in names if n.split("-")[0] == stale):
+            PrivateLoopback(namespace).close()
+        shutil.rmtree(f"/tmp/rlh-{stale}", ignore_errors=True)
+
+
 def _subnet_in_use(subnet: str) -> bool:
     out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=10, check=False).stdout
     return f" {subnet}." in out

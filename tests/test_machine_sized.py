@@ -27,8 +27,10 @@ from netns_cluster import (
     LoopbackHead,
     PrivateLoopback,
     cli_env,
+    session_name,
     stop_process_group,
     submit_job,
+    sweep_stale_namespaces,
     wait_until,
 )
 
@@ -49,7 +51,8 @@ def checkout(tmp_path_factory, tiny_rm_dir) -> Path:
 @pytest.fixture(scope="module")
 def head(checkout):
     """`ray start --head --num-cpus=<os.cpu_count()>` on 127.0.0.1, stopped by its process group afterwards."""
-    machine_head = LoopbackHead(f"ms{os.getpid() % 100000}", cwd=checkout).start()
+    sweep_stale_namespaces("ms")
+    machine_head = LoopbackHead(session_name("ms"), cwd=checkout).start()
     try:
         yield machine_head
     finally:
@@ -153,7 +156,7 @@ def test_serve_offline_config_as_a_script_answers_healthz(checkout, tmp_path):
     RAY_ADDRESS=local and a private RAY_TMPDIR stand for a machine where no other Ray runs (here others do,
     and `serve run` would otherwise attach to one of them).
     """
-    place = PrivateLoopback(f"ms{os.getpid() % 100000}-s").open()
+    place = PrivateLoopback(f"{session_name('ms')}-s").open()
     ray_tmp = Path(f"/tmp/rls-{os.getpid()}")  # short: Ray's socket paths under it must stay < 108 bytes
     try:
         seconds = serve_run_until_healthy(place, checkout, cli_env(RAY_ADDRESS="local", RAY_TMPDIR=str(ray_tmp)),

@@ -31,8 +31,10 @@ from netns_cluster import (
     free_subnet,
     http_json,
     netns_unavailable_reason,
+    session_name,
     stop_process_group,
     submit_job,
+    sweep_stale_namespaces,
     wait_until,
 )
 
@@ -109,6 +111,15 @@ def run_with_node_loss(cluster: NetnsCluster, name: str, entrypoint: list[str], 
     job = submit_job(cluster.dashboard_url, entrypoint, log_dir / f"{name}.log",
                      submission_id=f"{cluster.name}-{name}-{int(time.time())}",
                      extra_args=head_pinned_driver(cluster))
+    try:
+        return _observe_node_loss(cluster, name, job, run_dir, kill_after_step)
+    except BaseException:
+        stop_process_group(job.process, grace_s=5)  # the CLI tailing the job; the job goes with the cluster
+        raise
+
+
+def _observe_node_loss(cluster: NetnsCluster, name: str, job: RayJob, run_dir: Path,
+                       kill_after_step: int) -> NodeLossRun:
     started = time.monotonic()
 
     def checkpointed():
@@ -163,7 +174,8 @@ def assert_resumed_without_lost_or_repeated_updates(run: NodeLossRun, total_step
 @pytest.fixture(scope="module")
 def cluster():
     """Head (1 CPU) + 2 worker hosts (2 CPUs each), each in its own network namespace; removed afterwards."""
-    name = f"rt{os.getpid() % 100000}"
+    sweep_stale_namespaces("rt")
+    name = session_name("rt")
     netns = NetnsCluster(name, free_subnet(os.getpid()), workers=2, head_cpus=1, worker_cpus=2)
     netns.up()
     try:
