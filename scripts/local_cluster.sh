@@ -126,8 +126,12 @@ new_node() {
 
 alive_node_ips() {
     # Node IPs the head's GCS reports ALIVE (empty while the dashboard is not up yet).
-    curl -sf --max-time 5 "http://$(head_ip):$DASHBOARD_PORT/api/v0/nodes?limit=1000" 2>/dev/null \
-        | jq -r '.data.result.result[] | select(.state == "ALIVE") | .node_ip' 2>/dev/null || true
+    "$VENV/bin/python" - "http://$(head_ip):$DASHBOARD_PORT/api/v0/nodes?limit=1000" <<'PY' 2>/dev/null || true
+import json, sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=5) as response:
+    nodes = json.load(response)["data"]["result"]["result"]
+print("\n".join(n["node_ip"] for n in nodes if n["state"] == "ALIVE"))
+PY
 }
 
 FAILED_NODES=()
