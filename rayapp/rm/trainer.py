@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from rayapp.runtime import cluster
+from rayapp.runtime import checkpoints, cluster
 from rayapp.runtime.callbacks import UpdateCallback
 
 from .config import RMTrainConfig
@@ -34,13 +34,10 @@ class RMTrainResult:
 
 
 def count_split_pairs(path: str | Path) -> int:
-    """Unequal-rank pairs in a Parquet shard dir (path or URI), from the ranking column only."""
-    import pyarrow.dataset
+    """Unequal-rank pairs in a Parquet shard dir (path or URI); no image bytes are read."""
+    from rayapp.data.pairs import pair_stats
 
-    from rayapp.data.pairs import count_pairs
-
-    rankings = pyarrow.dataset.dataset(str(path), format="parquet").to_table(columns=["ranking"])
-    return sum(count_pairs(ranking) for ranking in rankings.column("ranking").to_pylist())
+    return pair_stats(path)["pairs"]
 
 
 def ensure_data(config: RMTrainConfig) -> str:
@@ -62,19 +59,13 @@ def resolve_tokenizer(config: RMTrainConfig, data_dir: str) -> str | None:
     """Tokenizer for the model and the pipeline: explicit, else the data set's own, else the init model's."""
     if config.tokenizer:
         return config.tokenizer
-    source = f"{data_dir.rstrip('/')}/tokenizer"
-    if "://" not in source:
-        return str(Path(source).resolve()) if Path(source).is_dir() else None
-    import pyarrow.fs
+    from rayapp.data import storage
 
-    # Tokenizers load from local files: copy a remote data set's tokenizer/ next to the run's outputs.
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(source)
-    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+    source = storage.join(data_dir, "tokenizer")
+    if storage.file_type(source) != "dir":
         return None
-    local = Path(config.output_dir) / "tokenizer"
-    pyarrow.fs.copy_files(path, str(local), source_filesystem=filesystem,
-                          destination_filesystem=pyarrow.fs.LocalFileSystem())
-    return str(local.resolve())
+    # Tokenizers load from local files: a remote data set's tokenizer/ is copied to a local cache.
+    return storage.local_dir(source)
 
 
 def make_plan(config: RMTrainConfig, train_pairs: int, val_pairs: int) -> dict:
@@ -151,8 +142,11 @@ def prepare(config: RMTrainConfig) -> tuple[RMTrainConfig, str, str | None, dict
     resources = cluster.worker_resources(config, "jobs/train_rm.py")  # fails fast, before any data work
     data_dir = ensure_data(config)
     tokenizer = resolve_tokenizer(config, data_dir)
-    root = data_dir.rstrip("/")
-    plan = make_plan(config, count_split_pairs(f"{root}/train"), count_split_pairs(f"{root}/val"))
+    from rayapp.data import storage
+    from rayapp.data.pipeline import val_split_path
+
+    plan = make_plan(config, count_split_pairs(storage.join(data_dir, "train")),
+                     count_split_pairs(val_split_path(data_dir)))
     plan["tokenizer"] = tokenizer
     plan["data_dir"] = data_dir
     plan["worker_resources"] = resources
@@ -209,7 +203,7 @@ def build_trainer(config: RMTrainConfig, data_dir: str, tokenizer: str | None, p
                                                placement_strategy=config.placement_strategy),
         run_config=ray.train.RunConfig(
             name=config.run_name,
-            storage_path=config.storage_path,
+            **checkpoints.run_storage(config.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.num_to_keep),
         ),

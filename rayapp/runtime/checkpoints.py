@@ -68,12 +68,23 @@ def read_checkpoint_state(filesystem, path: str) -> dict | None:
 
 def _checkpoint_at(uri: str):
     """A Ray Train Checkpoint for a path or URI given by the user, with its filesystem resolved."""
-    import pyarrow.fs
     import ray.train
 
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(uri) if "://" in uri else (pyarrow.fs.LocalFileSystem(),
-                                                                                   str(Path(uri).resolve()))
+    from rayapp.data import storage
+
+    filesystem, path = storage.resolve(uri)
     return ray.train.Checkpoint(path, filesystem=filesystem)
+
+
+def run_storage(storage_path: str) -> dict:
+    """Ray Train `RunConfig` storage arguments. A URI gets the driver's filesystem object, which carries the
+    driver's credentials, so workers without their own can still write checkpoints."""
+    from rayapp.data import storage
+
+    if not storage.is_uri(storage_path):
+        return {"storage_path": storage_path}
+    filesystem, inner = storage.resolve(storage_path)
+    return {"storage_path": inner, "storage_filesystem": filesystem}
 
 
 def newest_checkpoint(resume_from: str | None = None):
