@@ -280,6 +280,7 @@ cmd_down() {
         ip netns delete "$ns" 2>/dev/null || true
     done
     rm -rf /etc/netns/"$NAME"-*
+    rmdir /etc/netns 2>/dev/null || true  # only if nothing else is in it
     for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep "^$NAME-" || true); do
         ip link delete "$link" 2>/dev/null || true
     done
