@@ -1,8 +1,14 @@
-"""`rayapp generate`: diffusers pipeline -> N images per prompt -> ImageReward score -> keep >= --min-score
--> sort -> PNGs carrying their generation parameters and `ImageReward Score: x.xxxx` + a contact sheet.
+"""`rayapp generate`: any diffusers text-to-image pipeline -> N images per prompt -> ImageReward score (in
+process, or through a Serve endpoint) -> keep >= --min-score -> sort -> PNGs carrying their generation
+parameters and `ImageReward Score: x.xxxx` + a contact sheet.
 
     rayapp generate --pipeline CompVis/stable-diffusion-v1-4 --prompt "a red car" -n 8 --out gen/
+    rayapp generate --pipeline stabilityai/stable-diffusion-xl-base-1.0 --prompt "a red car" --out gen/
     rayapp generate --pipeline tiny --scorer path/to/tiny-rm --prompt "a red circle" -n 4 --min-score -9 --out gen/
+    rayapp generate --pipeline tiny-sdxl --endpoint http://127.0.0.1:8000 --prompt "a red circle" --out gen/
+
+Pipelines load with diffusers' `AutoPipelineForText2Image` (SD 1.x/2.x, SDXL, SD3, Flux, PixArt, ... whatever
+the installed diffusers maps), or are the offline tiny SD 1.x / SDXL pipelines ("tiny", "tiny-sdxl").
 
 The text chunk is the SD-WebUI `parameters` layout (prompt line, `Negative prompt:` line, then
 `Steps: .., Sampler: .., CFG scale: .., Seed: .., Size: WxH, Model: .., ImageReward Score: x.xxxx`), so
@@ -80,19 +86,57 @@ def contact_sheet(items: list[tuple[object, str]], columns: int, thumb: int = 16
     return sheet
 
 
+def pipeline_call_kwargs(pipe, **values) -> dict:
+    """The generation arguments this pipeline's __call__ takes; None values are left to its defaults.
+
+    A negative prompt given to a pipeline without one is an error (dropping it silently would mislead)."""
+    import inspect
+
+    accepted = set(inspect.signature(pipe.__call__).parameters)
+    if values.get("negative_prompt") and "negative_prompt" not in accepted:
+        raise ValueError(f"{type(pipe).__name__} takes no negative prompt; drop --negative-prompt")
+    return {k: v for k, v in values.items() if v is not None and k in accepted}
+
+
+class EndpointScorer:
+    """Scores through a running `rayapp.serve` endpoint (RewardClient) instead of a model in this process."""
+
+    def __init__(self, url: str):
+        from rayapp.serve.client import RewardClient
+
+        self.url = url
+        self.client = RewardClient(url)
+
+    def score(self, prompt: str, images: list, batch_size: int = 16) -> list[float]:
+        scores: list[float] = []
+        for start in range(0, len(images), batch_size):
+            scores += [float(s) for s in self.client.score(prompt, list(images[start:start + batch_size]))]
+        return scores
+
+
+def load_reward(scorer: str, endpoint: str | None, *, device: str, dtype: str | None, tokenizer: str | None):
+    """The scorer in process, or the endpoint's client when `endpoint` is set."""
+    if endpoint:
+        return EndpointScorer(endpoint)
+    from rayapp.eval.scorers import load_scorer
+
+    return load_scorer(scorer, device=device, dtype=dtype, tokenizer=tokenizer)
+
+
 def generate_and_filter(*, pipeline: str, prompts: list[str], out_dir: str | Path, num_images: int = 4,
                         scorer: str = "ImageReward", min_score: float | None = 0.0, steps: int = 30,
                         guidance: float = 7.5, seed: int = 0, negative_prompt: str | None = None,
                         height: int | None = None, width: int | None = None, device: str | None = None,
                         dtype: str | None = None, tokenizer: str | None = None, batch_size: int = 16,
-                        progress: bool = True) -> GenerateResult:
-    """Generate, score, filter (score >= min_score; None keeps all), sort, save. Seeds are seed + k per prompt."""
+                        progress: bool = True, endpoint: str | None = None) -> GenerateResult:
+    """Generate, score, filter (score >= min_score; None keeps all), sort, save. Seeds are seed + k per prompt.
+
+    `endpoint`: score through a `rayapp.serve` endpoint at this URL (RewardClient) instead of loading `scorer`."""
     import torch
     from PIL.PngImagePlugin import PngInfo
     from tqdm.auto import tqdm
 
     from rayapp.diffusion import load_pipeline
-    from rayapp.eval.scorers import load_scorer
     from rayapp.model.scoring import default_device
 
     if not prompts:
@@ -101,7 +145,7 @@ def generate_and_filter(*, pipeline: str, prompts: list[str], out_dir: str | Pat
         raise ValueError("--num-images must be >= 1")
     device = device or default_device()
     pipe = load_pipeline(pipeline, dtype=dtype, device=device)
-    reward = load_scorer(scorer, device=device, dtype=dtype, tokenizer=tokenizer)
+    reward = load_reward(scorer, endpoint, device=device, dtype=dtype, tokenizer=tokenizer)
     sampler = type(pipe.scheduler).__name__
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,9 +154,10 @@ def generate_and_filter(*, pipeline: str, prompts: list[str], out_dir: str | Pat
     for p_index, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt", disable=not progress)):
         seeds = [seed + k for k in range(num_images)]
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        images = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt,
-                      num_images_per_prompt=num_images, generator=generators, height=height, width=width,
-                      output_type="pil").images
+        kwargs = pipeline_call_kwargs(pipe, num_inference_steps=steps, guidance_scale=guidance,
+                                      negative_prompt=negative_prompt, num_images_per_prompt=num_images,
+                                      generator=generators, height=height, width=width, output_type="pil")
+        images = pipe(prompt, **kwargs).images
         result.generated += len(images)
         scores = reward.score(prompt, list(images), batch_size=batch_size)
         ranked = sorted(zip(scores, seeds, images), key=lambda t: -t[0])
@@ -135,7 +180,8 @@ def generate_and_filter(*, pipeline: str, prompts: list[str], out_dir: str | Pat
         sheet = contact_sheet(sheet_items, columns=min(num_images, 8))
         result.contact_sheet = str(out / "contact_sheet.png")
         sheet.save(result.contact_sheet)
-    manifest = {**asdict(result), "min_score": min_score, "pipeline": pipeline, "scorer": scorer}
+    manifest = {**asdict(result), "min_score": min_score, "pipeline": pipeline, "pipeline_class": type(pipe).__name__,
+                "scorer": f"endpoint {endpoint}" if endpoint else scorer}
     (out / "generate.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return result
 
@@ -161,7 +207,7 @@ def _handle(args) -> int:
         scorer=args.scorer, min_score=None if args.keep_all else args.min_score, steps=args.steps,
         guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt, height=args.height,
         width=args.width, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-        batch_size=args.batch_size, progress=not args.quiet,
+        batch_size=args.batch_size, progress=not args.quiet, endpoint=args.endpoint,
     )
     if not result.kept:
         best = max((d.score for d in result.dropped), default=float("nan"))
@@ -179,12 +225,16 @@ def register(subparsers) -> None:
     """Add `generate` to the `rayapp` parser."""
     gen = subparsers.add_parser("generate", help="generate with diffusers, score with ImageReward, filter, sort, save")
     gen.add_argument("--pipeline", default="CompVis/stable-diffusion-v1-4",
-                     help="diffusers hub name or local dir; 'tiny' builds the tiny offline pipeline")
+                     help="any diffusers text-to-image pipeline (hub name or local dir: SD 1.x/2.x, SDXL, SD3, Flux, "
+                          "...); 'tiny' / 'tiny-sdxl' build the tiny offline SD 1.x / SDXL pipelines")
     gen.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     gen.add_argument("--prompts-file", help="a .txt (one per line), .jsonl or .json list of prompts / {prompt}")
     gen.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (default 4)")
     gen.add_argument("--scorer", default="ImageReward",
                      help="reward model spec: ImageReward (hub), a saved dir, or a baseline (default ImageReward)")
+    gen.add_argument("--endpoint", metavar="URL",
+                     help="score through this rayapp Serve endpoint (e.g. http://127.0.0.1:8000; token from "
+                          "RAYAPP_SERVE_TOKEN) instead of loading --scorer here")
     gen.add_argument("--min-score", type=float, default=0.0, help="keep images scoring >= this (default 0)")
     gen.add_argument("--keep-all", action="store_true", help="no filtering, only sorting")
     gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")

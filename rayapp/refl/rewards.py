@@ -96,6 +96,10 @@ def _baseline_name(source: str) -> tuple[str, str] | None:
 
 def load_scorer(source: str, device: torch.device, *, reward_seed: int = 0, tokenizer=None):
     """The frozen scorer a reward term names (eval mode, fp32, on `device`)."""
+    return _load_scorer(source, device, reward_seed, tokenizer).eval().requires_grad_(False)
+
+
+def _load_scorer(source: str, device: torch.device, reward_seed: int, tokenizer):
     import rayapp
 
     if source.lower() == TINY_RM:
