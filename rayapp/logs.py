@@ -12,16 +12,28 @@ NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.serve", "deepspeed", "Deep
                  "transformers", "diffusers", "filelock", "urllib3", "httpx")
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (a CLI called in-process, e.g. by a test,
+    must not keep a stream that is later replaced and closed)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """rayapp's INFO lines to stderr as plain text; other libraries at WARNING (ERROR unless verbose).
 
     Also sets the verbosity variables transformers and diffusers read, for processes started after this call.
     """
     root = logging.getLogger("rayapp")
-    if not any(getattr(h, "_rayapp", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _CurrentStderrHandler) for h in root.handlers):
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._rayapp = True
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
