@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rayapp.envcheck import require_job_dependencies  # noqa: E402
+from rayapp.envcheck import require_job_dependencies
 
 require_job_dependencies("jobs/train_rm.py")
 

@@ -108,7 +108,7 @@ def read_config_file(path: str | Path) -> dict:
     else:
         data = json.loads(text)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping of field names to values")
+        raise TypeError(f"{path}: a config file must hold a mapping of field names to values")
     return data
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rayapp.runtime import checkpoints, cluster, engine as rt
+from rayapp.runtime import checkpoints, cluster
+from rayapp.runtime import engine as rt
 from rayapp.runtime.callbacks import notify
 
 from .config import RMTrainConfig

@@ -109,8 +109,8 @@ def describe_plan(config: RMTrainConfig, plan: dict) -> str:
     """Human-readable summary of the derived quantities, logged at the start of a run."""
     accum = config.gradient_accumulation_steps
     return "\n".join([
-        f"preset {config.preset}; model: {config.init or config.model_preset + ' (random init)'}, "
-        f"fix_rate {config.fix_rate}",
+        (f"preset {config.preset}; model: {config.init or config.model_preset + ' (random init)'}, "
+         f"fix_rate {config.fix_rate}"),
         f"pairs: train {plan['train_pairs']}, val {plan['val_pairs']}",
         (f"workers: {plan['workers']} ({'GPU' if config.use_gpu else 'CPU'}, {plan.get('worker_resources')}, "
          f"{config.placement_strategy}, ZeRO-{config.zero_stage}, precision {config.precision})"),
