@@ -161,7 +161,10 @@ def parse_config(cls: type, argv: list[str] | None, *, presets: dict[str, dict],
     add_config_arguments(parser, cls, presets[default_preset], f" (preset {default_preset})")
     args = parser.parse_args(argv)
     names = {f.name for f in dataclasses.fields(cls)}
-    file_values = read_config_file(args.config) if args.config else {}
+    try:
+        file_values = read_config_file(args.config) if args.config else {}
+    except (OSError, TypeError, ValueError) as err:  # missing file, not a mapping, bad YAML / JSON
+        parser.error(f"--config {args.config}: {err}")
     preset = args.preset or file_values.get("preset") or default_preset
     values = dict(presets[preset])
     values.update(file_values)
