@@ -195,3 +195,28 @@ def test_killed_worker_resumes_exactly_and_skips_a_half_written_checkpoint(ray_c
     assert first == [0, 1, 2]  # killed before update 3, after the checkpoint taken at 2
     assert second == [2, 3, 4, 5]  # resumed from the update-2 checkpoint, not the forged "update 5" one
     assert (Path(result.checkpoint).parent / "checkpoint_9999-forged").is_dir()
+
+
+def test_pretrain_data_accepts_hugging_face_image_dicts(ray_cluster, tmp_path):
+    """A `datasets`-style table (image struct {bytes, path}, caption) feeds the pre-training loss."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from rayapp.refl.data import pretrain_dataset
+
+    def png(colour):
+        buffer = io.BytesIO()
+        Image.new("RGB", (80, 48), colour).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    images = [{"bytes": png("red"), "path": "a.png"}, {"bytes": png("blue"), "path": "b.png"}]
+    pq.write_table(pa.table({"image": images, "caption": ["one red square", "one blue square"]}),
+                   tmp_path / "hf.parquet")
+    rows = sorted(pretrain_dataset(str(tmp_path / "hf.parquet"), resolution=32).take_all(),
+                  key=lambda r: r["caption"])
+    assert [r["caption"] for r in rows] == ["one blue square", "one red square"]
+    assert rows[1]["pixels"].shape == (3, 32, 32)
+    assert rows[1]["pixels"][0].mean() > 0.9 and rows[1]["pixels"][2].mean() < -0.9  # red in [-1, 1]

@@ -2,7 +2,6 @@
 pre-training loss (Parquet with image bytes + caption), decoded and resized by Ray Data tasks."""
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -23,14 +22,18 @@ CAPTION_COLUMNS = ("caption", "text", "prompt")
 IMAGE_COLUMNS = ("image", "images", "jpg", "png", "image_bytes")
 
 
+def _parquet_files(path: str):
+    """(filesystem, Parquet files) of a file, directory or URI (one listing home: rayapp.data.storage)."""
+    from rayapp.data import storage
+
+    return storage.list_files(path)
+
+
 def _parquet_columns(path: str) -> list[str]:
     import pyarrow.parquet as pq
 
-    p = Path(path)
-    first = p if p.is_file() else next(iter(sorted(p.rglob("*.parquet"))), None)
-    if first is None:
-        raise FileNotFoundError(f"{path}: no .parquet files")
-    return list(pq.read_schema(first).names)
+    filesystem, files = _parquet_files(path)
+    return list(pq.read_schema(files[0], filesystem=filesystem).names)
 
 
 def _pick(columns: list[str], preferred: str | None, candidates: tuple[str, ...], what: str, path: str) -> str:
@@ -43,10 +46,12 @@ def _pick(columns: list[str], preferred: str | None, candidates: tuple[str, ...]
 
 def read_prompt_list(path: str | os.PathLike, column: str = "text") -> list[str]:
     """Prompts of a JSON or text file as a list (JSON: a list of objects with `column`, or of strings)."""
-    path = Path(path)
-    if path.suffix.lower() in (".json", ".jsonl"):
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".jsonl":
+    from rayapp.data import storage
+
+    suffix = Path(os.fspath(path)).suffix.lower()
+    text = storage.read_bytes(path).decode("utf-8")
+    if suffix in (".json", ".jsonl"):
+        if suffix == ".jsonl":
             items = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             items = json.loads(text)
@@ -62,7 +67,7 @@ def read_prompt_list(path: str | os.PathLike, column: str = "text") -> list[str]
                 raise ValueError(f"{path}: item {i} has no {column!r} field: {str(item)[:80]}")
             prompts.append(str(item[key]))
     else:
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"{path}: no prompts")
@@ -75,10 +80,13 @@ def prompt_dataset(path: str | os.PathLike | None, column: str = "text"):
 
     if path is None:
         return ray.data.from_items([{"prompt": p} for p in TINY_TRAIN_PROMPTS])
+    from rayapp.data import storage
+
     source = os.fspath(path)
-    if Path(source).is_dir() or source.endswith(".parquet"):
+    if storage.file_type(source) == "dir" or source.endswith(".parquet"):
         name = _pick(_parquet_columns(source), column, PROMPT_COLUMNS, "prompt", source)
-        ds = ray.data.read_parquet(source, columns=[name])
+        filesystem, files = _parquet_files(source)
+        ds = ray.data.read_parquet(files, filesystem=filesystem, columns=[name])
         return ds.rename_columns({name: "prompt"}) if name != "prompt" else ds
     # JSON and text prompt files are small (the reference's has 10k prompts): parse here, then let Ray Data
     # split the rows across the workers.
@@ -100,24 +108,23 @@ def _center_square(img, size: int):
 
 def decode_pretrain_batch(batch: dict, *, image_column: str, caption_column: str, resolution: int,
                           ranking_column: str | None = None) -> dict:
-    """Ray Data batch fn: image bytes -> float32 [3,R,R] in [-1, 1] ("pixels") + "caption".
+    """Ray Data batch fn: images (bytes, or Hugging Face `{"bytes", "path"}` dicts) -> float32 [3,R,R] in
+    [-1, 1] ("pixels") + "caption".
 
     A list-of-images column (comparison shards) contributes its best-ranked image (lowest rank), the
     one that shows the caption faithfully; without a ranking column, its first image.
     """
-    from PIL import Image
+    from rayapp.model.images import is_image_value, load_image
 
     pixels, captions = [], []
     for i, item in enumerate(batch[image_column]):
-        if isinstance(item, (bytes, bytearray)):
-            data = item
-        else:  # list<binary>
+        if not is_image_value(item):  # a list of images
             items = list(item)
             best = 0
             if ranking_column is not None:
                 best = int(np.argmin(np.asarray(batch[ranking_column][i])))
-            data = items[best]
-        img = _center_square(Image.open(io.BytesIO(bytes(data))).convert("RGB"), resolution)
+            item = items[best]
+        img = _center_square(load_image(item, i).convert("RGB"), resolution)
         arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
         pixels.append(arr)
         captions.append(str(batch[caption_column][i]))
@@ -134,7 +141,8 @@ def pretrain_dataset(path: str | os.PathLike, resolution: int):
     caption_col = _pick(columns, None, CAPTION_COLUMNS, "caption", source)
     ranking_col = "ranking" if "ranking" in columns else None
     wanted = [image_col, caption_col] + ([ranking_col] if ranking_col else [])
-    ds = ray.data.read_parquet(source, columns=wanted)
+    filesystem, files = _parquet_files(source)
+    ds = ray.data.read_parquet(files, filesystem=filesystem, columns=wanted)
     return ds.map_batches(
         decode_pretrain_batch,
         batch_format="numpy",

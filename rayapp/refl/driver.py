@@ -81,7 +81,7 @@ def build_trainer(cfg: ReFLConfig, *, callbacks: Sequence[UpdateCallback] = (), 
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
-            name=cfg.run_name, storage_path=cfg.storage_path,
+            name=cfg.run_name, **checkpoints.run_storage(cfg.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
