@@ -15,11 +15,11 @@ step checkpointed).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from rayapp.configs import config_from_dict, load_presets, option, save_config
+from rayapp.configs import load_presets, option
 from rayapp.runtime.config import TrainingConfig
 
 PRESETS = load_presets(Path(__file__).with_name("presets"))
@@ -37,6 +37,9 @@ DEFAULT_EVAL_PROMPTS = (
 @dataclass
 class ReFLConfig(TrainingConfig):
     """ReFL fine-tuning of a Stable Diffusion UNet against a reward model, on Ray Train + DeepSpeed."""
+
+    PRESETS: ClassVar[dict[str, dict]] = PRESETS
+    DEFAULT_PRESET: ClassVar[str] = DEFAULT_PRESET
 
     preset: str = option("sd15", "the named defaults this config started from (set by --preset)")
     # --- models ---
@@ -144,8 +147,6 @@ class ReFLConfig(TrainingConfig):
             raise ValueError("max_steps must be >= 1")
         if not self.eval_prompts or not self.eval_seeds:
             raise ValueError("eval_prompts and eval_seeds must not be empty")
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; known: {sorted(PRESETS)}")
 
     def validate_objective(self) -> None:
         """Raise ValueError on objective settings that cannot be met with num_inference_steps."""
@@ -170,20 +171,3 @@ class ReFLConfig(TrainingConfig):
     @property
     def pretrain_enabled(self) -> bool:
         return self.pretrain_weight > 0
-
-    @classmethod
-    def from_preset(cls, name: str = DEFAULT_PRESET, **overrides) -> ReFLConfig:
-        """A preset's config with some fields overridden (the Python API's `--preset`)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-        return config_from_dict(cls, {**PRESETS[name], "preset": name, **overrides}, source=f"preset {name}")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ReFLConfig:
-        return config_from_dict(cls, data)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def save(self, path: str | Path) -> None:
-        save_config(self, path)

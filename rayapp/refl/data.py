@@ -147,8 +147,8 @@ def pretrain_dataset(path: str | os.PathLike, resolution: int):
         decode_pretrain_batch,
         batch_format="numpy",
         batch_size=16,
-        fn_kwargs=dict(image_column=image_col, caption_column=caption_col, resolution=resolution,
-                       ranking_column=ranking_col),
+        fn_kwargs={"image_column": image_col, "caption_column": caption_col, "resolution": resolution,
+                       "ranking_column": ranking_col},
     )
 
 

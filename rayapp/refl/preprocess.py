@@ -8,7 +8,7 @@ in pixel units of the normalised RM input and in reward units.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def reward_grid(images: Sequence, prompts: Sequence[str], scores: Sequence[float], *, columns: int | None = None,

@@ -12,11 +12,11 @@ keeping.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from rayapp.configs import config_from_dict, load_presets, option, save_config
+from rayapp.configs import load_presets, option
 from rayapp.runtime.config import TrainingConfig
 
 PRESETS = load_presets(Path(__file__).with_name("presets"))
@@ -26,6 +26,9 @@ DEFAULT_PRESET = "offline"
 @dataclass
 class RMTrainConfig(TrainingConfig):
     """Reward-model training on Ray Train + DeepSpeed."""
+
+    PRESETS: ClassVar[dict[str, dict]] = PRESETS
+    DEFAULT_PRESET: ClassVar[str] = DEFAULT_PRESET
 
     preset: str = option("imagereward-v1", "the named defaults this config started from (set by --preset)")
     # --- model ---
@@ -69,27 +72,8 @@ class RMTrainConfig(TrainingConfig):
             raise ValueError(f"fix_rate must be in [0, 1), got {self.fix_rate}")
         if self.num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1, got {self.num_epochs}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; known: {sorted(PRESETS)}")
 
     @property
     def pairs_per_update(self) -> int:
         """Effective batch: pairs per optimizer update over all workers."""
         return self.train_batch_size * self.gradient_accumulation_steps * self.num_workers
-
-    @classmethod
-    def from_preset(cls, name: str = DEFAULT_PRESET, **overrides) -> RMTrainConfig:
-        """A preset's config with some fields overridden (the Python API's `--preset`)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-        return config_from_dict(cls, {**PRESETS[name], "preset": name, **overrides}, source=f"preset {name}")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RMTrainConfig:
-        return config_from_dict(cls, data)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def save(self, path: str | Path) -> None:
-        save_config(self, path)

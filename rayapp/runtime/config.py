@@ -1,14 +1,20 @@
 """`TrainingConfig`: the settings reward-model training and ReFL share, each with its unit and meaning."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
-from rayapp.configs import option
+from rayapp.configs import config_from_dict, option, save_config
 
 
 @dataclass
 class TrainingConfig:
     """Optimisation, distribution and checkpoint settings common to every training loop."""
+
+    PRESETS: ClassVar[dict[str, dict]] = {}  # named field values (a subclass's presets/*.json)
+    DEFAULT_PRESET: ClassVar[str] = ""
 
     # --- optimisation ---
     train_batch_size: int = option(2, "examples per worker per micro-batch (RM: comparison pairs; ReFL: prompts)")
@@ -46,8 +52,31 @@ class TrainingConfig:
                                             "s3://...); none = <output_dir>/ray")
     run_name: str | None = option(None, "run name under storage_path; none = <job>-<timestamp>")
 
+    @classmethod
+    def from_preset(cls, name: str | None = None, **overrides):
+        """A preset's config with some fields overridden (the Python API's `--preset`)."""
+        name = name or cls.DEFAULT_PRESET
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(cls.PRESETS)}")
+        return config_from_dict(cls, {**cls.PRESETS[name], "preset": name, **overrides}, source=f"preset {name}")
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """The config of a mapping of field names (unknown names are an error)."""
+        return config_from_dict(cls, data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as JSON (readable back with `--config`)."""
+        save_config(self, path)
+
     def validate_training(self) -> None:
         """Raise ValueError on an inconsistent shared setting."""
+        preset = getattr(self, "preset", None)
+        if self.PRESETS and preset not in self.PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known: {sorted(self.PRESETS)}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
