@@ -14,16 +14,16 @@ def make_scheduler(kind: str = "ddim", config: dict | None = None):
     the beta schedule, timestep spacing and prediction type; SD's defaults otherwise."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    base = dict(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    base = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "prediction_type": "epsilon",
+    }
     kinds = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
     cls = kinds.get(kind.lower())
     if cls is None:
@@ -79,7 +79,7 @@ def pipeline_class_name(name_or_dir: str | os.PathLike) -> str:
 
     try:
         config = DiffusionPipeline.load_config(source)
-    except (OSError, EnvironmentError) as err:
+    except OSError as err:
         raise OSError(f"cannot read the pipeline config of {source!r}{_hub_hint(source)}") from err
     return str(config["_class_name"])
 
@@ -117,10 +117,10 @@ def load_pipeline(name_or_dir: str | os.PathLike, *, dtype=None, device=None, sc
     else:
         kwargs = {}
         if pipeline_class_name(source) == "StableDiffusionPipeline":
-            kwargs = dict(safety_checker=None, requires_safety_checker=False)
+            kwargs = {"safety_checker": None, "requires_safety_checker": False}
         try:
             pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, **kwargs)
-        except (OSError, EnvironmentError) as err:
+        except OSError as err:
             raise OSError(f"cannot load the diffusers pipeline {source!r}{_hub_hint(source)}") from err
         except ValueError as err:  # AutoPipeline names the classes it maps when it has no text-to-image one
             raise ValueError(f"{source!r} is not a text-to-image pipeline diffusers' AutoPipelineForText2Image "

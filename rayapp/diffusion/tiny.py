@@ -16,10 +16,7 @@ from rayapp.data.synth import vocabulary
 
 # Words that get whole-word BPE tokens (everything else still splits into byte tokens): the synthetic
 # captions' vocabulary plus words common in example prompts.
-EXAMPLE_PROMPT_WORDS = (
-    "an the of in with and at to photo picture image painting portrait drawing cat dog bird sunset over "
-    "mountains city night day sky sea tree house car"
-).split()
+EXAMPLE_PROMPT_WORDS = ["an", "the", "of", "in", "with", "and", "at", "to", "photo", "picture", "image", "painting", "portrait", "drawing", "cat", "dog", "bird", "sunset", "over", "mountains", "city", "night", "day", "sky", "sea", "tree", "house", "car"]
 TINY_WORDS = tuple(vocabulary()) + tuple(EXAMPLE_PROMPT_WORDS)
 
 TINY_IMAGE_SIZE = 64  # output resolution in pixels (square)
@@ -120,10 +117,10 @@ def tiny_text_config(tokenizer, **overrides):
     """A two-layer CLIP text config over the tiny tokenizer's vocabulary (77 positions, as SD's)."""
     from transformers import CLIPTextConfig
 
-    values = dict(vocab_size=len(tokenizer), hidden_size=TINY_TEXT_HIDDEN, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
+    values = {"vocab_size": len(tokenizer), "hidden_size": TINY_TEXT_HIDDEN, "intermediate_size": 64,
+                  "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
+                  "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                  "pad_token_id": tokenizer.pad_token_id}
     values.update(overrides)
     return CLIPTextConfig(**values)
 
@@ -137,6 +134,23 @@ def seeded_build(seed: int, build):
         return build()
 
 
+def tiny_unet_config(**family: object) -> dict:
+    """UNet2DConditionModel arguments of the tiny pipelines: the shared toy geometry plus the family's own
+    conditioning arguments (cross-attention width, heads, SDXL's added time/text embeddings)."""
+    latent_factor = 2 ** (len(TINY_VAE_CHANNELS) - 1)
+    return {
+        "sample_size": TINY_IMAGE_SIZE // latent_factor,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": TINY_UNET_CHANNELS,
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+        **family,
+    }
+
+
 def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
     """The tiny pipeline of `build_tiny_sd_pipeline`, in memory (same seed -> same weights, any process)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -147,19 +161,7 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
     tokenizer = build_tiny_clip_tokenizer()
 
     def build():
-        latent_factor = 2 ** (len(TINY_VAE_CHANNELS) - 1)
-        unet = UNet2DConditionModel(
-            sample_size=TINY_IMAGE_SIZE // latent_factor,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=TINY_UNET_CHANNELS,
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=TINY_TEXT_HIDDEN,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
+        unet = UNet2DConditionModel(**tiny_unet_config(cross_attention_dim=TINY_TEXT_HIDDEN, attention_head_dim=8))
         return unet, tiny_vae(), CLIPTextModel(tiny_text_config(tokenizer))
 
     unet, vae, text_encoder = seeded_build(seed, build)

@@ -16,11 +16,10 @@ from pathlib import Path
 from .tiny import (
     TINY_IMAGE_SIZE,
     TINY_TEXT_HIDDEN,
-    TINY_UNET_CHANNELS,
-    TINY_VAE_CHANNELS,
     build_tiny_clip_tokenizer,
     seeded_build,
     tiny_text_config,
+    tiny_unet_config,
     tiny_vae,
 )
 
@@ -31,9 +30,9 @@ TINY_SDXL_VAE_SCALING = 0.13025  # SDXL's VAE scaling factor, kept so the latent
 
 def sdxl_scheduler_config() -> dict:
     """SDXL base's scheduler settings (Euler, scaled-linear 0.00085..0.012, "leading" spacing, offset 1)."""
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, interpolation_type="linear",
-                use_karras_sigmas=False)
+    return {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1, "interpolation_type": "linear",
+                "use_karras_sigmas": False}
 
 
 def tiny_sdxl_pipeline(seed: int = 0):
@@ -49,15 +48,7 @@ def tiny_sdxl_pipeline(seed: int = 0):
     tokenizer_2 = build_tiny_clip_tokenizer()
 
     def build():
-        latent_factor = 2 ** (len(TINY_VAE_CHANNELS) - 1)
-        unet = UNet2DConditionModel(
-            sample_size=TINY_IMAGE_SIZE // latent_factor,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=TINY_UNET_CHANNELS,
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        unet = UNet2DConditionModel(**tiny_unet_config(
             cross_attention_dim=2 * TINY_TEXT_HIDDEN,  # both encoders' hidden states, concatenated
             attention_head_dim=(2, 4),
             use_linear_projection=True,
@@ -65,8 +56,7 @@ def tiny_sdxl_pipeline(seed: int = 0):
             addition_time_embed_dim=TINY_SDXL_TIME_EMBED_DIM,
             projection_class_embeddings_input_dim=TINY_SDXL_PROJECTION_DIM + 6 * TINY_SDXL_TIME_EMBED_DIM,
             transformer_layers_per_block=1,
-            norm_num_groups=8,
-        )
+        ))
         vae = tiny_vae()
         vae.register_to_config(scaling_factor=TINY_SDXL_VAE_SCALING, force_upcast=True)
         text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
