@@ -27,6 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from rayapp.envcheck import require_job_dependencies
+
+require_job_dependencies("jobs/refl.py")
+
 logger = logging.getLogger("rayapp.jobs.refl")
 
 TRAINED_TINY_RM = Path("runs/rm/model")  # where jobs/train_rm.py puts its model
