@@ -153,11 +153,13 @@ def test_sdwebui_infotext_score_goes_on_the_parameters_line(sd):
     assert sd.parse_lower_limit(" -0.25 ") == -0.25 and sd.parse_lower_limit(0.5) == 0.5  # API callers send numbers
 
 
-def test_sdwebui_request_chunks(sd):
-    assert sd.request_chunks([], 8, 100) == []
-    assert sd.request_chunks([5] * 5, 2, 100) == [(0, 2), (2, 4), (4, 5)]
-    assert sd.request_chunks([60, 60, 10], 8, 100) == [(0, 1), (1, 3)]
-    assert sd.request_chunks([500, 1], 8, 100) == [(0, 1), (1, 2)]  # an oversize item still goes, alone
+def test_client_request_chunks():
+    from rayapp.serve.client import request_chunks
+
+    assert request_chunks([], 8, 100) == []
+    assert request_chunks([5] * 5, 2, 100) == [(0, 2), (2, 4), (4, 5)]
+    assert request_chunks([60, 60, 10], 8, 100) == [(0, 1), (1, 3)]
+    assert request_chunks([500, 1], 8, 100) == [(0, 1), (1, 2)]  # an oversize item still goes, alone
 
 
 # ---------------------------------------------------------------- A1111 script: in-process

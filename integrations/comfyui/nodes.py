@@ -54,19 +54,6 @@ def check_prompt(prompt, node: str) -> str:
     return prompt
 
 
-def request_chunks(sizes: list[int], max_items: int, max_bytes: int) -> list[tuple[int, int]]:
-    """[start, stop) runs of consecutive items within max_items and, past each run's first item, max_bytes."""
-    chunks, start, total = [], 0, 0
-    for i, size in enumerate(sizes):
-        if i > start and (i - start >= max_items or total + size > max_bytes):
-            chunks.append((start, i))
-            start, total = i, 0
-        total += size
-    if start < len(sizes):
-        chunks.append((start, len(sizes)))
-    return chunks
-
-
 def _comfy_models_dir() -> str | None:
     """ComfyUI's models folder when running inside ComfyUI."""
     try:
@@ -149,6 +136,10 @@ class EndpointScorer:
             blobs.append(buffer.getvalue())
         sizes = [len(blob) * 4 // 3 + 4 * len(prompt) + 64 for blob in blobs]
         scores: list[float] = []
+        from rayapp.serve.client import (
+            request_chunks,  # stdlib-only module: light in the WebUI
+        )
+
         for start, stop in request_chunks(sizes, self.max_images, self.max_payload):
             scores += self.client.score_pairs([prompt] * (stop - start), blobs[start:stop])
         return [float(s) for s in scores]

@@ -118,19 +118,6 @@ def infotext_with_score(infotext: str, score: float) -> str:
     return f"{infotext}\n{item}"
 
 
-def request_chunks(sizes: list[int], max_items: int, max_bytes: int) -> list[tuple[int, int]]:
-    """[start, stop) runs of consecutive items within max_items and, past each run's first item, max_bytes."""
-    chunks, start, total = [], 0, 0
-    for i, size in enumerate(sizes):
-        if i > start and (i - start >= max_items or total + size > max_bytes):
-            chunks.append((start, i))
-            start, total = i, 0
-        total += size
-    if start < len(sizes):
-        chunks.append((start, len(sizes)))
-    return chunks
-
-
 def _png_bytes(image) -> bytes:
     """Lossless bytes of the image, so the endpoint decodes exactly these pixels."""
     buffer = io.BytesIO()
@@ -191,6 +178,10 @@ class EndpointScorer:
         blobs = [_png_bytes(picture) for picture in pictures]
         sizes = [len(blob) * 4 // 3 + 4 * len(prompt) + 64 for blob, prompt in zip(blobs, prompts)]
         scores: list[float] = []
+        from rayapp.serve.client import (
+            request_chunks,  # stdlib-only module: light in the WebUI
+        )
+
         for start, stop in request_chunks(sizes, self.max_images, self.max_payload):
             scores += self.client.score_pairs(prompts[start:stop], blobs[start:stop])
         return [float(s) for s in scores]

@@ -34,6 +34,19 @@ logger = logging.getLogger(__name__)
 RETRY_STATUSES = (503,)
 
 
+
+def request_chunks(sizes: list[int], max_items: int, max_bytes: int) -> list[tuple[int, int]]:
+    """[start, stop) runs of consecutive items within max_items and, past each run's first item, max_bytes."""
+    chunks, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= max_items or total + size > max_bytes):
+            chunks.append((start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        chunks.append((start, len(sizes)))
+    return chunks
+
 class RewardServiceError(RuntimeError):
     """The endpoint answered with an error; `status` is the HTTP code, `detail` its message, `field` the culprit."""
 
