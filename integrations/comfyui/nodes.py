@@ -136,9 +136,7 @@ class EndpointScorer:
             blobs.append(buffer.getvalue())
         sizes = [len(blob) * 4 // 3 + 4 * len(prompt) + 64 for blob in blobs]
         scores: list[float] = []
-        from rayapp.serve.client import (
-            request_chunks,  # stdlib-only module: light in the WebUI
-        )
+        from rayapp.serve.client import request_chunks
 
         for start, stop in request_chunks(sizes, self.max_images, self.max_payload):
             scores += self.client.score_pairs([prompt] * (stop - start), blobs[start:stop])

@@ -178,9 +178,7 @@ class EndpointScorer:
         blobs = [_png_bytes(picture) for picture in pictures]
         sizes = [len(blob) * 4 // 3 + 4 * len(prompt) + 64 for blob, prompt in zip(blobs, prompts)]
         scores: list[float] = []
-        from rayapp.serve.client import (
-            request_chunks,  # stdlib-only module: light in the WebUI
-        )
+        from rayapp.serve.client import request_chunks
 
         for start, stop in request_chunks(sizes, self.max_images, self.max_payload):
             scores += self.client.score_pairs(prompts[start:stop], blobs[start:stop])
