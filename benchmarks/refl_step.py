@@ -84,18 +84,11 @@ def run_case(label: str, parts, rm, cfg, device, steps: int, batch: int, memory)
     """Timed updates (the first a warm-up) of one (pipeline, objective, LoRA/full, checkpointing) case."""
     import torch
 
-    from rayapp.refl.models import add_lora
+    from rayapp.refl.models import prepare_unet_for_training
     from rayapp.refl.objective import autocast_for, reward_loss_step
 
     precision = "bf16" if device.type == "cuda" else "fp32"
-    unet = parts.unet
-    if cfg.lora_rank:
-        add_lora(unet, cfg)
-    else:
-        unet.requires_grad_(True)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
+    unet = prepare_unet_for_training(parts.unet, cfg)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     times, ks = [], []

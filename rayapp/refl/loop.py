@@ -14,7 +14,7 @@ from rayapp.runtime.callbacks import notify
 
 from .config import ReFLConfig
 from .evaluation import evaluate_held_out
-from .models import add_lora, load_diffusion_parts, load_reward_model, save_final_model
+from .models import load_diffusion_parts, load_reward_model, prepare_unet_for_training, save_final_model
 from .objective import pretrain_loss_step, reward_loss_step
 
 logger = logging.getLogger(__name__)
@@ -80,16 +80,7 @@ def train_loop(loop_config: dict) -> None:
 
     parts = load_diffusion_parts(cfg, device, rt.precision_dtype(precision))
     rm = load_reward_model(cfg, device, rt.precision_dtype(precision))
-    unet = parts.unet
-    if cfg.lora_rank is None:
-        raise ValueError("lora_rank must be resolved before the workers start (see driver.resolve)")
-    if cfg.lora_rank > 0:
-        add_lora(unet, cfg)
-    else:
-        unet.requires_grad_(True)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
+    unet = prepare_unet_for_training(parts.unet, cfg)
     engine = rt.initialize_engine(unet, cfg, total_steps=cfg.max_steps, world_size=world_size,
                                   precision=precision, optimizer="AdamW")
     module = engine.module

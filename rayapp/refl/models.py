@@ -32,6 +32,19 @@ def encode_prompts(parts: DiffusionParts, prompts: list[str], device: torch.devi
     return parts.encode_prompts(prompts, device)
 
 
+def prepare_unet_for_training(unet, cfg: ReFLConfig):
+    """LoRA adapters (lora_rank > 0) or the whole UNet trainable, gradient checkpointing if asked, train mode."""
+    if cfg.lora_rank is None:
+        raise ValueError("lora_rank must be resolved before training (see rayapp.refl.driver.resolve)")
+    if cfg.lora_rank > 0:
+        add_lora(unet, cfg)
+    else:
+        unet.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet.train()
+
+
 def add_lora(unet, cfg: ReFLConfig) -> None:
     """Freeze the UNet and add trainable LoRA adapters on its attention projections (peft)."""
     from peft import LoraConfig
