@@ -15,6 +15,17 @@ PIP=".venv/bin/python -m pip"
 $PIP install -q --disable-pip-version-check "$(grep '^torch==' constraints.txt)"
 $PIP install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
 
+# The multi-host tests build network namespaces with `ip` and talk to them with curl; install when we may.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  missing=""
+  command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+  command -v curl >/dev/null 2>&1 || missing="$missing curl"
+  if [ -n "$missing" ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
+      || echo "setup: could not install$missing; the multi-host tests will be skipped" >&2
+  fi
+fi
+
 # The web-page test drives Debian's Chromium headless; install it when we may (CI runs as root).
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
