@@ -70,13 +70,11 @@ def worker_resources(config: TrainingConfig, job: str) -> dict[str, float]:
 def check_placeable(job: str, what: str, per_item: dict[str, float], count: int, total: dict[str, float],
                     nodes: list[dict[str, float]]) -> None:
     """Raise ResourceRequestError unless `count` bundles of `per_item` fit the cluster's nodes (by capacity)."""
-    have = {k: round(v, 2) for k, v in total.items() if k in ("CPU", "GPU", "memory") or k in per_item}
-    have.pop("memory", None)
+    have = {k: round(v, 2) for k, v in total.items() if k in ("CPU", "GPU") or k in per_item}
     missing = [k for k, v in per_item.items() if v > 0 and total.get(k, 0.0) <= 0]
     fits = sum(int(min(node.get(k, 0.0) / v for k, v in per_item.items() if v > 0) + 1e-9) for node in nodes)
     if not missing and fits >= count:
         return
-    hint = ""
     if "GPU" in missing:
         hint = " This cluster has no GPU: pass --use-gpu false (CPU), or connect to a cluster with GPU nodes."
     elif missing:
