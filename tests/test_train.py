@@ -222,3 +222,15 @@ def test_gpu_request_on_a_cpu_cluster_fails_fast(ray_cluster, tmp_path):
     assert proc.returncode != 0, log[-3000:]
     assert "jobs/train_rm.py" in log and "'GPU': 1.0" in log and "no GPU" in log, log[-3000:]
     assert time.time() - started < 120
+
+
+def test_placement_check_names_the_job_request_and_cluster():
+    """Requests no node can hold fail with what was asked and what exists; fitting ones pass."""
+    from rayapp.runtime.cluster import ResourceRequestError, check_placeable
+
+    nodes = [{"CPU": 2.0}, {"CPU": 1.0}]
+    check_placeable("jobs/refl.py", "2 train workers", {"CPU": 1.0}, 3, {"CPU": 3.0}, nodes)
+    with pytest.raises(ResourceRequestError, match=r"jobs/refl.py: 2 train workers x \{'CPU': 2.0\}.*room for 1"):
+        check_placeable("jobs/refl.py", "2 train workers", {"CPU": 2.0}, 2, {"CPU": 3.0}, nodes)
+    with pytest.raises(ResourceRequestError, match="no GPU"):
+        check_placeable("jobs/train_rm.py", "1 train worker", {"CPU": 1.0, "GPU": 1.0}, 1, {"CPU": 3.0}, nodes)
