@@ -6,8 +6,8 @@ import os
 import sys
 import warnings
 
-# Libraries whose INFO/WARNING chatter a user of the jobs cannot act on; `--verbose` lets it through.
 RAY_DATA_QUIET_CONFIG = os.path.join(os.path.dirname(__file__), "runtime", "ray_data_logging.yaml")
+# Libraries whose INFO/WARNING chatter a user of the jobs cannot act on; `--verbose` lets it through.
 NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.serve", "deepspeed", "DeepSpeed", "torch.distributed",
                  "transformers", "diffusers", "filelock", "urllib3", "httpx")
 
@@ -26,7 +26,7 @@ class _CurrentStderrHandler(logging.StreamHandler):
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """rayapp's INFO lines to stderr as plain text; other libraries at WARNING (ERROR unless verbose).
+    """rayapp's INFO lines to stderr as plain text; the noisy libraries at ERROR (INFO with `verbose`).
 
     Also sets the verbosity variables transformers and diffusers read, for processes started after this call.
     """
