@@ -45,7 +45,7 @@ def run_case(preset: str, workers: int, data_dir: Path, steps: int | None, use_g
         started = time.time()
         result = train_reward_model(config)
         wall = time.time() - started
-    windows = [h["pairs_per_s"] for h in result.history if h.get("pairs_per_s")]
+    windows = [h["pairs_per_s"] for h in result.reports if h.get("pairs_per_s")]
     steady = windows[1:] or windows
     return {"preset": preset, "workers": workers, "updates": steps,
             "pairs_per_update": case["train_batch_size"] * workers,

@@ -236,8 +236,8 @@ def test_convert_to_s3_train_resume_and_score(ray_cluster, s3_server, local_sour
     assert 1 in states and 2 in states, states  # checkpoint_every=1: every update's checkpoint is in the bucket
     second = _train(ray_cluster, s3_server, data, ckpt, tmp_path / "run2", max_steps=3, run_name="rm-s3-b",
                     resume_from=states[1], tokenizer=tokenizer)
-    steps = sorted({h["step"] for h in second["history"] if h.get("step") is not None})
-    assert steps[0] == 2 and second["metrics"]["step"] == 3, second["history"]  # continued after step 1
+    steps = sorted({h["step"] for h in second["reports"] if h.get("step") is not None})
+    assert steps[0] == 2 and second["metrics"]["step"] == 3, second["reports"]  # continued after step 1
     model = rayapp.load(tmp_path / "run2" / "model", device="cpu")
 
     # ---- batch scoring from and to s3://, workers writing the parts; resume finds everything done
@@ -333,7 +333,7 @@ aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": aws}, log_to_driver=False)
 from rayapp.rm import RMTrainConfig, train_reward_model
 result = train_reward_model(RMTrainConfig.from_preset("offline", **json.loads(sys.argv[1])))
-print("RESULT " + json.dumps({"metrics": result.metrics, "history": result.history,
+print("RESULT " + json.dumps({"metrics": result.metrics, "reports": result.reports,
                               "checkpoint": result.checkpoint_path}, default=str))
 """
 

@@ -28,7 +28,7 @@ class RMTrainResult:
     official_dir: str  # ImageReward.pt + med_config.json
     plan: dict  # derived quantities (pairs, updates per epoch, ...)
     metrics: dict  # last reported metrics (rank 0)
-    history: list[dict] = field(default_factory=list)  # every report, in order
+    reports: list[dict] = field(default_factory=list)  # every metrics report, in order
     checkpoint_path: str | None = None  # the Ray Train checkpoint holding the export
     config: RMTrainConfig | None = None  # the resolved config the run used
 
@@ -243,12 +243,12 @@ def collect_result(config: RMTrainConfig, plan: dict, result) -> RMTrainResult:
                 raise RuntimeError(f"the final checkpoint {result.checkpoint.path} has no {name}/ export")
             shutil.rmtree(out / name, ignore_errors=True)
             shutil.copytree(Path(directory) / name, out / name)
-    history = []
+    reports = []
     frame = getattr(result, "metrics_dataframe", None)
     if frame is not None:
-        history = json.loads(frame.to_json(orient="records"))
-    summary = {"config": config.to_dict(), "plan": plan, "metrics": result.metrics, "history": history,
+        reports = json.loads(frame.to_json(orient="records"))
+    summary = {"config": config.to_dict(), "plan": plan, "metrics": result.metrics, "reports": reports,
                "checkpoint": result.checkpoint.path}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return RMTrainResult(str(out / "model"), str(out / "official"), plan, dict(result.metrics or {}), history,
+    return RMTrainResult(str(out / "model"), str(out / "official"), plan, dict(result.metrics or {}), reports,
                          result.checkpoint.path, config)
