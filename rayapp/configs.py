@@ -71,8 +71,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, shown_defau
     shown_defaults = shown_defaults or {}
     group = parser.add_argument_group(f"{cls.__name__} fields (flags override --config and --preset)")
     for f in dataclasses.fields(cls):
-        if f.name in ("preset", "config", "verbose"):
-            continue  # the job-level flags of the same names set these
+        if f.name == "preset":
+            continue  # set by the job-level --preset flag
         kind, optional = _unwrap_optional(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         shown = shown_defaults.get(f.name, f.default)

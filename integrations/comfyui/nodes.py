@@ -192,18 +192,20 @@ class ImageRewardLoader:
         return (LocalScorer(resolve_model(model), device, dtype),)
 
 
+# The inputs every scoring node takes: the loaded scorer, ComfyUI's image batch, the prompt.
+SCORING_INPUTS = {
+    "imagereward": (MODEL_TYPE,),
+    "images": ("IMAGE",),
+    "prompt": ("STRING", {"default": "", "multiline": True}),
+}
+
+
 class ImageRewardScore:
     """Score every image of a batch against the prompt."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "imagereward": (MODEL_TYPE,),
-                "images": ("IMAGE",),
-                "prompt": ("STRING", {"default": "", "multiline": True}),
-            },
-        }
+        return {"required": dict(SCORING_INPUTS)}
 
     RETURN_TYPES = ("FLOAT", "STRING")
     RETURN_NAMES = ("scores", "summary")
@@ -227,9 +229,7 @@ class ImageRewardFilter:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "imagereward": (MODEL_TYPE,),
-                "images": ("IMAGE",),
-                "prompt": ("STRING", {"default": "", "multiline": True}),
+                **SCORING_INPUTS,
                 "lower_limit": ("FLOAT", {"default": 0.0, "min": -100.0, "max": 100.0, "step": 0.01}),
                 "top_k": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 1}),
             },

@@ -29,10 +29,9 @@ def _parquet_files(path: str):
     return storage.list_files(path)
 
 
-def _parquet_columns(path: str) -> list[str]:
+def _parquet_columns(filesystem, files: list[str]) -> list[str]:
     import pyarrow.parquet as pq
 
-    filesystem, files = _parquet_files(path)
     return list(pq.read_schema(files[0], filesystem=filesystem).names)
 
 
@@ -84,8 +83,8 @@ def prompt_dataset(path: str | os.PathLike | None, column: str = "text"):
 
     source = os.fspath(path)
     if storage.file_type(source) == "dir" or source.endswith(".parquet"):
-        name = _pick(_parquet_columns(source), column, PROMPT_COLUMNS, "prompt", source)
         filesystem, files = _parquet_files(source)
+        name = _pick(_parquet_columns(filesystem, files), column, PROMPT_COLUMNS, "prompt", source)
         ds = ray.data.read_parquet(files, filesystem=filesystem, columns=[name])
         return ds.rename_columns({name: "prompt"}) if name != "prompt" else ds
     # JSON and text prompt files are small (the reference's has 10k prompts): parse here, then let Ray Data
@@ -136,12 +135,12 @@ def pretrain_dataset(path: str | os.PathLike, resolution: int):
     import ray.data
 
     source = os.fspath(path)
-    columns = _parquet_columns(source)
+    filesystem, files = _parquet_files(source)
+    columns = _parquet_columns(filesystem, files)
     image_col = _pick(columns, None, IMAGE_COLUMNS, "image", source)
     caption_col = _pick(columns, None, CAPTION_COLUMNS, "caption", source)
     ranking_col = "ranking" if "ranking" in columns else None
     wanted = [image_col, caption_col] + ([ranking_col] if ranking_col else [])
-    filesystem, files = _parquet_files(source)
     ds = ray.data.read_parquet(files, filesystem=filesystem, columns=wanted)
     return ds.map_batches(
         decode_pretrain_batch,
