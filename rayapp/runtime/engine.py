@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 
@@ -85,19 +85,18 @@ def disable_cpu_shm_comm() -> None:
 
 
 def initialize_engine(model: torch.nn.Module, config: TrainingConfig, *, total_steps: int, world_size: int,
-                      precision: str, optimizer: str = "Adam", parameters: Iterable | None = None):
+                      precision: str, optimizer: str = "Adam"):
     """`deepspeed.initialize` for `model` with the shared settings; returns the engine.
 
     The LR schedule is a torch LambdaLR handed to DeepSpeed, which steps it once per update and keeps its state
     in DeepSpeed checkpoints (DeepSpeed's WarmupCosineLR refuses zero warm-up, the reference's choice).
     """
-    if not torch.cuda.is_available():
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on every worker that it guessed CPU
-    import deepspeed
-
-    if not torch.cuda.is_available():
         disable_cpu_shm_comm()
-    params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
+    import deepspeed
+    params = [p for p in model.parameters() if p.requires_grad]
     schedule = lr_lambda(total_steps, config.warmup_steps, config.lr_scheduler, config.min_lr_ratio)
 
     def scheduler(ds_optimizer):  # DeepSpeed calls this with its (possibly wrapped) optimizer
