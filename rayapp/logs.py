@@ -48,13 +48,9 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def quiet_ray_process() -> None:
-    """Ray `worker_process_setup_hook`: Ray Data (and DeepSpeed) log errors only to this process's console.
+    """Ray `worker_process_setup_hook`: Ray Data in this process logs errors only to the console.
 
-    Ray Data configures its loggers when first imported, from RAY_DATA_LOGGING_CONFIG; Ray Train's controller
-    configures its own when it starts and still says which workers it starts.
+    Ray Data configures its loggers from RAY_DATA_LOGGING_CONFIG when first imported, after this hook runs.
+    Ray Train's controller configures its own loggers when it starts and still says which workers it starts.
     """
     os.environ["RAY_DATA_LOGGING_CONFIG"] = RAY_DATA_QUIET_CONFIG
-    import ray.data  # noqa: F401
-
-    for name in ("ray.data", "ray.train", "ray.tune", "deepspeed", "DeepSpeed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
