@@ -281,10 +281,15 @@ def torch_batches(data, batch_size: int, *, local_shuffle_buffer_size: int | Non
                                    local_shuffle_buffer_size=local_shuffle_buffer_size,
                                    local_shuffle_seed=local_shuffle_seed):
         yield {
-            name: (torch.from_numpy(np.ascontiguousarray(value)) if name in TENSOR_COLUMNS
-                   else [str(v) for v in value])
+            name: (torch.from_numpy(_writable(value)) if name in TENSOR_COLUMNS else [str(v) for v in value])
             for name, value in batch.items()
         }
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    """A contiguous array torch may own: batches viewing Arrow buffers are read-only (copied then)."""
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()
 
 
 def build_pair_rows(path: str | os.PathLike, *, shuffle_seed: int | None = None,
@@ -345,19 +350,20 @@ def build_pair_dataset(path: str | os.PathLike, *, image_size: int, tokenizer_di
     tokenizer = os.fspath(tokenizer_dir) if storage.is_uri(tokenizer_dir) else os.path.abspath(tokenizer_dir)
     # a URI tokenizer is fetched by each node itself, with the driver's filesystem (and credentials)
     via = storage.resolve(tokenizer) if storage.is_uri(tokenizer) else None
+    tasks = ray.data.TaskPoolStrategy(size=concurrency)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(
         decode_pair_chunks,
         fn_kwargs={"filesystem": filesystem, "columns": columns, "image_size": image_size,
                    "tokenizer_dir": tokenizer, "tokenizer_via": via, "max_length": max_length,
                    "pairs_per_chunk": block},
-        batch_size=1, batch_format="numpy", concurrency=concurrency, num_cpus=cpus_per_task,
+        batch_size=1, batch_format="numpy", compute=tasks, num_cpus=cpus_per_task,
     )
     if shuffle_seed is not None:
         ds = ds.random_shuffle(seed=shuffle_seed, num_cpus=cpus_per_task)
     ds = ds.repartition(target_num_rows_per_block=block)
     ds = ds.map_batches(normalize_pair_batch, fn_kwargs={"with_ids": with_ids}, batch_size=block,
-                        batch_format="numpy", concurrency=concurrency, num_cpus=cpus_per_task)
+                        batch_format="numpy", compute=tasks, num_cpus=cpus_per_task)
     # units finish in any order; without this the shuffle's input order, and so its output, varies
     ds.context.execution_options.preserve_order = preserve_order
     return ds
