@@ -15,6 +15,7 @@ from PIL import Image
 
 import rayapp
 from rayapp.model import checkpoint as ckpt
+from rayapp.model import load_config
 from rayapp.model.config import get_preset, list_presets
 from rayapp.model.images import (
     CLIP_MEAN,
@@ -112,6 +113,9 @@ def test_official_format_round_trip(tiny_model, images, tmp_path):
         assert "mlp.layers.7.weight" in state
         reloaded = rayapp.load(tmp_path / "ImageReward.pt")
         assert reloaded.config.reward_mean == pytest.approx(0.16717362830052426)
+        # the architecture alone, read from the mapped file's shapes, is the one load builds
+        assert load_config(tmp_path) == reloaded.config
+        assert load_config(tmp_path / "ImageReward.pt").image_size == tiny_model.config.image_size
         np.testing.assert_allclose(reloaded.score(PROMPT, images), tiny_model.score(PROMPT, images), atol=1e-5)
     finally:
         tiny_model.config.reward_mean, tiny_model.config.reward_std = 0.0, 1.0
@@ -122,6 +126,7 @@ def test_save_pretrained_round_trip(tiny_model, images, tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= set(os.listdir(tmp_path))
     reloaded = rayapp.load(tmp_path, device="cpu")
     assert reloaded.score(PROMPT, images) == tiny_model.score(PROMPT, images)
+    assert load_config(tmp_path) == reloaded.config
 
 
 def test_official_checkpoint_errors_name_the_key(tiny_model, tmp_path):

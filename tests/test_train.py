@@ -234,3 +234,22 @@ def test_placement_check_names_the_job_request_and_cluster():
         check_placeable("jobs/refl.py", "2 train workers", {"CPU": 2.0}, 2, {"CPU": 3.0}, nodes)
     with pytest.raises(ResourceRequestError, match="no GPU"):
         check_placeable("jobs/train_rm.py", "1 train worker", {"CPU": 1.0, "GPU": 1.0}, 1, {"CPU": 3.0}, nodes)
+
+
+@pytest.mark.parametrize("form", ["pretrained", "official"])
+def test_init_geometry_is_read_without_loading_the_model(tiny_rm_dir, tmp_path, form):
+    """Training from `init` sizes the data pipeline from the checkpoint's architecture, read off its config
+    (or, for an official file, its tensor shapes), not from the preset the init replaces."""
+    import rayapp
+    from rayapp.rm import RMTrainConfig
+    from rayapp.rm.trainer import model_geometry
+
+    init = tiny_rm_dir
+    if form == "official":
+        init = tmp_path / "official"
+        rayapp.load(tiny_rm_dir, device="cpu").export_official(init)
+    expected = rayapp.load(init, device="cpu").config
+    config = RMTrainConfig.from_preset("imagereward-v1", init=str(init))
+    assert model_geometry(config) == (expected.image_size, expected.max_length)
+    assert model_geometry(RMTrainConfig.from_preset("imagereward-v1"))[0] == 224  # the preset's, for contrast
+    assert expected.image_size != 224

@@ -104,11 +104,12 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(state, strict=True)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a weights file: `.safetensors`, or torch.load(weights_only=True) (never arbitrary objects).
 
     A training checkpoint's `{"model": ...}` or `{"state_dict": ...}` wrapper is unwrapped (BLIP's
-    model_large.pth has one); every value must then be a tensor.
+    model_large.pth has one); every value must then be a tensor. `mmap`: map the file instead of reading
+    it (for shapes alone; a torch file saved in the legacy non-zip format cannot be mapped and is read).
     """
     source = os.fspath(path)
     if source.endswith(".safetensors"):
@@ -116,7 +117,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         return load_file(source)
     try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not mmap or "mmap" not in str(err):
+                raise
+            state = torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as err:  # pickle refusing a non-tensor object, truncated file, ...

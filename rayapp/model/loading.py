@@ -77,19 +77,51 @@ def _model_for_loading(config: RewardModelConfig, tokenizer: Any) -> ImageReward
         return ImageReward(config, tokenizer)
 
 
-def _load_official(weights: Path, med_config: Path | dict, tokenizer: Any) -> ImageReward:
+def _locate(name_or_path: str | os.PathLike, med_config: str | os.PathLike | dict | None,
+            download_root: str | os.PathLike | None) -> tuple[Path, Path | dict | None]:
+    """(weights file or save_pretrained dir, med_config) for a known name, an official file, or a directory."""
+    key = os.fspath(name_or_path)
+    path = Path(key).expanduser()
+    if key in MODELS:
+        weights, med_path = _download(key, os.fspath(download_root) if download_root else None)
+        return weights, med_config if med_config is not None else med_path
+    if path.is_dir() and (path / ckpt.PRETRAINED_CONFIG).is_file():
+        return path, None
+    if path.is_dir() and (path / ckpt.OFFICIAL_WEIGHTS).is_file():
+        return path / ckpt.OFFICIAL_WEIGHTS, med_config or path / ckpt.OFFICIAL_MED_CONFIG
+    if path.is_file():
+        return path, med_config or path.with_name(ckpt.OFFICIAL_MED_CONFIG)
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{key}: directory holds neither {ckpt.PRETRAINED_CONFIG} (rayapp format) nor {ckpt.OFFICIAL_WEIGHTS}"
+        )
+    raise ValueError(
+        f"{key!r} is neither a known model ({', '.join(available_models())}) nor an existing file or directory"
+    )
+
+
+def _read_med_config(weights: Path, med_config: Path | dict) -> dict:
+    if isinstance(med_config, dict):
+        return med_config
+    if not Path(med_config).is_file():
+        raise FileNotFoundError(
+            f"med_config.json not found at {med_config}; put it beside {weights.name} or pass med_config="
+        )
+    return json.loads(Path(med_config).read_text())
+
+
+def _official_config(weights: Path, med_config: Path | dict, *, mmap: bool) -> tuple[RewardModelConfig, dict]:
+    """The architecture of an official checkpoint (text from med_config, the rest from tensor shapes), and
+    its state (memory-mapped when only the shapes are wanted)."""
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint not found: {weights}")
-    if isinstance(med_config, dict):
-        med = med_config
-    else:
-        if not Path(med_config).is_file():
-            raise FileNotFoundError(
-                f"med_config.json not found at {med_config}; put it beside {weights.name} or pass med_config="
-            )
-        med = json.loads(Path(med_config).read_text())
-    state = ckpt.read_state_dict(weights)
-    config = ckpt.config_from_official(state, med)
+    med = _read_med_config(weights, med_config)
+    state = ckpt.read_state_dict(weights, mmap=mmap)
+    return ckpt.config_from_official(state, med), state
+
+
+def _load_official(weights: Path, med_config: Path | dict, tokenizer: Any) -> ImageReward:
+    config, state = _official_config(weights, med_config, mmap=False)
     model = _model_for_loading(config, _resolve_tokenizer(tokenizer, config, weights.parent))
     ckpt.load_official_into(model, state, os.fspath(weights))
     return model
@@ -104,6 +136,17 @@ def _load_pretrained(directory: Path, tokenizer: Any) -> ImageReward:
     return model
 
 
+def load_config(name_or_path: str | os.PathLike = "ImageReward-v1.0", *,
+                med_config: str | os.PathLike | dict | None = None,
+                download_root: str | os.PathLike | None = None) -> RewardModelConfig:
+    """The architecture `load` would build for the same arguments, without building it or reading the weights'
+    values (an official file is memory-mapped for its tensor shapes)."""
+    weights, med = _locate(name_or_path, med_config, download_root)
+    if med is None:
+        return RewardModelConfig.load(weights / ckpt.PRETRAINED_CONFIG)
+    return _official_config(weights, med, mmap=True)[0]
+
+
 def load(name_or_path: str | os.PathLike = "ImageReward-v1.0", *, device: str | torch.device | None = None,
          dtype: torch.dtype | str | None = None, med_config: str | os.PathLike | dict | None = None,
          download_root: str | os.PathLike | None = None, tokenizer: Any = None) -> ImageReward:
@@ -114,23 +157,6 @@ def load(name_or_path: str | os.PathLike = "ImageReward-v1.0", *, device: str | 
     device: defaults to CUDA when available. dtype: float32 (default), bfloat16 or float16 for the
     encoders; the head stays float32.
     """
-    key = os.fspath(name_or_path)
-    path = Path(key).expanduser()
-    if key in MODELS:
-        weights, med_path = _download(key, os.fspath(download_root) if download_root else None)
-        model = _load_official(weights, med_config if med_config is not None else med_path, tokenizer)
-    elif path.is_dir() and (path / ckpt.PRETRAINED_CONFIG).is_file():
-        model = _load_pretrained(path, tokenizer)
-    elif path.is_dir() and (path / ckpt.OFFICIAL_WEIGHTS).is_file():
-        model = _load_official(path / ckpt.OFFICIAL_WEIGHTS, med_config or path / ckpt.OFFICIAL_MED_CONFIG, tokenizer)
-    elif path.is_file():
-        model = _load_official(path, med_config or path.with_name(ckpt.OFFICIAL_MED_CONFIG), tokenizer)
-    elif path.is_dir():
-        raise FileNotFoundError(
-            f"{key}: directory holds neither {ckpt.PRETRAINED_CONFIG} (rayapp format) nor {ckpt.OFFICIAL_WEIGHTS}"
-        )
-    else:
-        raise ValueError(
-            f"{key!r} is neither a known model ({', '.join(available_models())}) nor an existing file or directory"
-        )
+    weights, med = _locate(name_or_path, med_config, download_root)
+    model = _load_pretrained(weights, tokenizer) if med is None else _load_official(weights, med, tokenizer)
     return model.ready_for_inference(device, dtype)

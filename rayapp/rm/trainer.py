@@ -153,13 +153,13 @@ def prepare(config: RMTrainConfig) -> tuple[RMTrainConfig, str, str | None, dict
     return config, data_dir, tokenizer, plan
 
 
-def model_geometry(config: RMTrainConfig, tokenizer: str | None) -> tuple[int, int]:
-    """(image_size, max_length) of the model to train, without building it."""
+def model_geometry(config: RMTrainConfig) -> tuple[int, int]:
+    """(image_size, max_length) of the model to train, without building it or reading its weights."""
     if config.init:
-        import rayapp
+        from rayapp.model.loading import load_config
 
-        model = rayapp.load(config.init, device="cpu", tokenizer=tokenizer)
-        return model.config.image_size, model.config.max_length
+        init = load_config(config.init)
+        return init.image_size, init.max_length
     from rayapp.model.config import get_preset
 
     preset = get_preset(config.model_preset)
@@ -187,7 +187,7 @@ def build_trainer(config: RMTrainConfig, data_dir: str, tokenizer: str | None, p
     if tokenizer is None:
         raise ValueError("the data pipeline needs a tokenizer directory: pass tokenizer= or use a data dir "
                          "with a tokenizer/ sub-directory")
-    image_size, max_length = model_geometry(config, tokenizer)
+    image_size, max_length = model_geometry(config)
     datasets = build_train_val_datasets(data_dir, image_size=image_size, max_length=max_length,
                                         tokenizer_dir=tokenizer, shuffle_seed=config.seed)
     if should_materialize(config, plan, image_size):
