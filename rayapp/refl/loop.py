@@ -14,7 +14,12 @@ from rayapp.runtime.callbacks import notify
 
 from .config import ReFLConfig
 from .evaluation import evaluate_held_out
-from .models import load_diffusion_parts, load_reward_model, prepare_unet_for_training, save_final_model
+from .models import (
+    load_diffusion_parts,
+    load_reward_model,
+    prepare_unet_for_training,
+    save_final_model,
+)
 from .objective import pretrain_loss_step, reward_loss_step
 
 logger = logging.getLogger(__name__)

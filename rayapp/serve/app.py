@@ -60,14 +60,14 @@ def _config_overrides(args: AppArgs) -> list[dict[str, dict]]:
                 # Unset options may come back as None: they do not override the code's values.
                 candidates.append({d["name"]: {k: v for k, v in d.items() if v is not None}
                                    for d in config.get("deployments") or []})
-    except Exception:  # noqa: BLE001 -- private controller API; the check then uses the code's options only
+    except Exception:  # private controller API; the check then uses the code's options only
         logger.debug("could not read the deployed config's overrides", exc_info=True)
     return candidates
 
 
 def _demand(name: str, deployment, override: dict) -> DeploymentDemand:
     config = deployment._deployment_config
-    options = override["ray_actor_options"] if "ray_actor_options" in override else deployment.ray_actor_options
+    options = override.get("ray_actor_options", deployment.ray_actor_options)
     num_replicas = override.get("num_replicas", config.num_replicas)
     autoscaling = override.get("autoscaling_config", config.autoscaling_config)
     if num_replicas == "auto":

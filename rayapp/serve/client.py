@@ -25,7 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 from rayapp.serve import wire
 
@@ -235,7 +235,7 @@ class AsyncRewardClient:
             headers={"Authorization": f"Bearer {self.token}"} if self.token else None,
         )
 
-    async def __aenter__(self) -> AsyncRewardClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -349,7 +349,7 @@ class RewardFunction:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
 
-    def __enter__(self) -> RewardFunction:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -103,7 +103,7 @@ def resolve_checkpoint(root: str, model_id: str) -> str:
         raise ModelNotFoundError(f"{model_id!r} is not a valid checkpoint id (relative path, [A-Za-z0-9._+-] parts)")
     if is_uri(root) and not root.startswith(_LOCAL_SCHEMES):
         return root.rstrip("/") + "/" + model_id
-    base = Path(root[len("file://"):] if root.startswith("file://") else root).expanduser().resolve()
+    base = Path(root.removeprefix("file://")).expanduser().resolve()
     path = (base / model_id).resolve()
     # resolve() follows symlinks: a link inside the root that points outside it is refused as well.
     if base != path and base not in path.parents:

@@ -90,9 +90,9 @@ def find_problems(demands: list[DeploymentDemand], nodes: list[dict]) -> list[st
         node = next((f for f in free if _fits(demand, f)), None)
         if node is None:
             asked = "; ".join(f"{d.name}: {d.replicas} x {_show(d.per_replica)}" for d in demands)
-            return [f"the initial replicas together ({asked}) do not fit the cluster (nodes: {shown}); "
+            return [(f"the initial replicas together ({asked}) do not fit the cluster (nodes: {shown}); "
                     f"{name} is the first left without room. Lower num_cpus (fractions are fine) or the replica "
-                    "counts, or add nodes"]
+                    "counts, or add nodes")]
         for key, value in demand.items():
             node[key] = node.get(key, 0.0) - value
     return []
@@ -118,7 +118,7 @@ def autoscaler_node_types() -> list[dict] | None:
         config = state.get_cluster_config()
         if config is not None and config.node_group_configs:
             return [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
-    except Exception:  # noqa: BLE001 -- private API; absent or changed means "unknown"
+    except Exception:  # private API; absent or changed means "unknown"
         logger.debug("could not read the autoscaler's cluster config", exc_info=True)
     try:
         from ray.experimental.internal_kv import _internal_kv_get
@@ -127,7 +127,7 @@ def autoscaler_node_types() -> list[dict] | None:
         mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
         if any(not _READONLY_NODE_TYPE.match(str(node_type)) for node_type in mapping.values()):
             return []
-    except Exception:  # noqa: BLE001
+    except Exception:
         logger.debug("could not read the autoscaler status", exc_info=True)
     return None
 
