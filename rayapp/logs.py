@@ -51,6 +51,7 @@ def quiet_ray_process() -> None:
     """Ray `worker_process_setup_hook`: Ray Data in this process logs errors only to the console.
 
     Ray Data configures its loggers from RAY_DATA_LOGGING_CONFIG when first imported, after this hook runs.
-    Ray Train's controller configures its own loggers when it starts and still says which workers it starts.
+    Ray Train's controller configures its own loggers when it starts: its level comes from the run's
+    `LoggingConfig` (rayapp.runtime.checkpoints.run_config).
     """
     os.environ["RAY_DATA_LOGGING_CONFIG"] = RAY_DATA_QUIET_CONFIG

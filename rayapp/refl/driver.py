@@ -62,7 +62,7 @@ def resolve(cfg: ReFLConfig) -> ReFLConfig:
 
 def build_trainer(cfg: ReFLConfig, *, callbacks: Sequence[UpdateCallback] = (), verbose: bool = False):
     """The `TorchTrainer` (not started) for a resolved config."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .data import pretrain_dataset, prompt_dataset
@@ -80,11 +80,7 @@ def build_trainer(cfg: ReFLConfig, *, callbacks: Sequence[UpdateCallback] = (), 
         train_loop_config={"config": cfg.to_dict(), "callbacks": list(callbacks), "verbose": verbose},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
-        run_config=RunConfig(
-            name=cfg.run_name, **checkpoints.run_storage(cfg.storage_path),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-        ),
+        run_config=checkpoints.run_config(cfg, verbose=verbose),
         datasets=datasets,
     )
 

@@ -201,12 +201,7 @@ def build_trainer(config: RMTrainConfig, data_dir: str, tokenizer: str | None, p
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                                resources_per_worker=plan["worker_resources"],
                                                placement_strategy=config.placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=config.run_name,
-            **checkpoints.run_storage(config.storage_path),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.num_to_keep),
-        ),
+        run_config=checkpoints.run_config(config, verbose=verbose),
         datasets=datasets,
     )
 

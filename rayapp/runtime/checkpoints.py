@@ -76,15 +76,28 @@ def _checkpoint_at(uri: str):
     return ray.train.Checkpoint(path, filesystem=filesystem)
 
 
-def run_storage(storage_path: str) -> dict:
-    """Ray Train `RunConfig` storage arguments. A URI gets the driver's filesystem object, which carries the
-    driver's credentials, so workers without their own can still write checkpoints."""
+def run_config(config, *, verbose: bool = False):
+    """The Ray Train `RunConfig` both trainers use, from a resolved `TrainingConfig`: run name, storage,
+    worker-group restarts, checkpoints kept, and Ray Train's own log level (its INFO lines about starting
+    worker groups only with `verbose`).
+
+    A storage URI gets the driver's filesystem object, which carries the driver's credentials, so workers
+    without their own can still write checkpoints."""
+    import ray.train
+
     from rayapp.data import storage
 
-    if not storage.is_uri(storage_path):
-        return {"storage_path": storage_path}
-    filesystem, inner = storage.resolve(storage_path)
-    return {"storage_path": inner, "storage_filesystem": filesystem}
+    if storage.is_uri(config.storage_path):
+        filesystem, inner = storage.resolve(config.storage_path)
+        where = {"storage_path": inner, "storage_filesystem": filesystem}
+    else:
+        where = {"storage_path": config.storage_path}
+    return ray.train.RunConfig(
+        name=config.run_name, **where,
+        failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.num_to_keep),
+        logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+    )
 
 
 def newest_checkpoint(resume_from: str | None = None):
