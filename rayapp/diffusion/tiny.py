@@ -16,7 +16,11 @@ from rayapp.data.synth import vocabulary
 
 # Words that get whole-word BPE tokens (everything else still splits into byte tokens): the synthetic
 # captions' vocabulary plus words common in example prompts.
-EXAMPLE_PROMPT_WORDS = ["an", "the", "of", "in", "with", "and", "at", "to", "photo", "picture", "image", "painting", "portrait", "drawing", "cat", "dog", "bird", "sunset", "over", "mountains", "city", "night", "day", "sky", "sea", "tree", "house", "car"]
+EXAMPLE_PROMPT_WORDS = (
+    "an", "the", "of", "in", "with", "and", "at", "to", "photo", "picture", "image", "painting", "portrait",
+    "drawing", "cat", "dog", "bird", "sunset", "over", "mountains", "city", "night", "day", "sky", "sea", "tree",
+    "house", "car",
+)
 TINY_WORDS = tuple(vocabulary()) + tuple(EXAMPLE_PROMPT_WORDS)
 
 TINY_IMAGE_SIZE = 64  # output resolution in pixels (square)
@@ -118,9 +122,9 @@ def tiny_text_config(tokenizer, **overrides):
     from transformers import CLIPTextConfig
 
     values = {"vocab_size": len(tokenizer), "hidden_size": TINY_TEXT_HIDDEN, "intermediate_size": 64,
-                  "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
-                  "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                  "pad_token_id": tokenizer.pad_token_id}
+              "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id}
     values.update(overrides)
     return CLIPTextConfig(**values)
 

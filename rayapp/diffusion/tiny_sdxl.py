@@ -31,8 +31,8 @@ TINY_SDXL_VAE_SCALING = 0.13025  # SDXL's VAE scaling factor, kept so the latent
 def sdxl_scheduler_config() -> dict:
     """SDXL base's scheduler settings (Euler, scaled-linear 0.00085..0.012, "leading" spacing, offset 1)."""
     return {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1, "interpolation_type": "linear",
-                "use_karras_sigmas": False}
+            "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1,
+            "interpolation_type": "linear", "use_karras_sigmas": False}
 
 
 def tiny_sdxl_pipeline(seed: int = 0):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rayapp.data import storage
+
 # Built-in training prompts for the offline default (same vocabulary as the synthetic set's captions).
 TINY_TRAIN_PROMPTS = tuple(
     f"{count} {size} {colour} {shape} on a {background} background"
@@ -20,13 +22,6 @@ TINY_TRAIN_PROMPTS = tuple(
 PROMPT_COLUMNS = ("text", "prompt", "caption")
 CAPTION_COLUMNS = ("caption", "text", "prompt")
 IMAGE_COLUMNS = ("image", "images", "jpg", "png", "image_bytes")
-
-
-def _parquet_files(path: str):
-    """(filesystem, Parquet files) of a file, directory or URI (one listing home: rayapp.data.storage)."""
-    from rayapp.data import storage
-
-    return storage.list_files(path)
 
 
 def _parquet_columns(filesystem, files: list[str]) -> list[str]:
@@ -45,8 +40,6 @@ def _pick(columns: list[str], preferred: str | None, candidates: tuple[str, ...]
 
 def read_prompt_list(path: str | os.PathLike, column: str = "text") -> list[str]:
     """Prompts of a JSON or text file as a list (JSON: a list of objects with `column`, or of strings)."""
-    from rayapp.data import storage
-
     suffix = Path(os.fspath(path)).suffix.lower()
     text = storage.read_bytes(path).decode("utf-8")
     if suffix in (".json", ".jsonl"):
@@ -79,11 +72,9 @@ def prompt_dataset(path: str | os.PathLike | None, column: str = "text"):
 
     if path is None:
         return ray.data.from_items([{"prompt": p} for p in TINY_TRAIN_PROMPTS])
-    from rayapp.data import storage
-
     source = os.fspath(path)
     if storage.file_type(source) == "dir" or source.endswith(".parquet"):
-        filesystem, files = _parquet_files(source)
+        filesystem, files = storage.list_files(source)
         name = _pick(_parquet_columns(filesystem, files), column, PROMPT_COLUMNS, "prompt", source)
         ds = ray.data.read_parquet(files, filesystem=filesystem, columns=[name])
         return ds.rename_columns({name: "prompt"}) if name != "prompt" else ds
@@ -135,7 +126,7 @@ def pretrain_dataset(path: str | os.PathLike, resolution: int):
     import ray.data
 
     source = os.fspath(path)
-    filesystem, files = _parquet_files(source)
+    filesystem, files = storage.list_files(source)
     columns = _parquet_columns(filesystem, files)
     image_col = _pick(columns, None, IMAGE_COLUMNS, "image", source)
     caption_col = _pick(columns, None, CAPTION_COLUMNS, "caption", source)
@@ -147,7 +138,7 @@ def pretrain_dataset(path: str | os.PathLike, resolution: int):
         batch_format="numpy",
         batch_size=16,
         fn_kwargs={"image_column": image_col, "caption_column": caption_col, "resolution": resolution,
-                       "ranking_column": ranking_col},
+                   "ranking_column": ranking_col},
     )
 
 

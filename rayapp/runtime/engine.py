@@ -96,6 +96,7 @@ def initialize_engine(model: torch.nn.Module, config: TrainingConfig, *, total_s
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on every worker that it guessed CPU
         disable_cpu_shm_comm()
     import deepspeed
+
     params = [p for p in model.parameters() if p.requires_grad]
     schedule = lr_lambda(total_steps, config.warmup_steps, config.lr_scheduler, config.min_lr_ratio)
 

@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 RETRY_STATUSES = (503,)
 
 
-
 def request_chunks(sizes: list[int], max_items: int, max_bytes: int) -> list[tuple[int, int]]:
     """[start, stop) runs of consecutive items within max_items and, past each run's first item, max_bytes."""
     chunks, start, total = [], 0, 0
@@ -46,6 +45,7 @@ def request_chunks(sizes: list[int], max_items: int, max_bytes: int) -> list[tup
     if start < len(sizes):
         chunks.append((start, len(sizes)))
     return chunks
+
 
 class RewardServiceError(RuntimeError):
     """The endpoint answered with an error; `status` is the HTTP code, `detail` its message, `field` the culprit."""
