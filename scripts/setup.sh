@@ -15,24 +15,19 @@ PIP=".venv/bin/python -m pip"
 $PIP install -q --disable-pip-version-check "$(grep '^torch==' constraints.txt)"
 $PIP install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
 
-# The multi-host tests build network namespaces with `ip` and talk to them with curl; install when we may.
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  missing=""
-  command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
-  command -v curl >/dev/null 2>&1 || missing="$missing curl"
-  if [ -n "$missing" ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
-      || echo "setup: could not install$missing; the multi-host tests will be skipped" >&2
-  fi
-fi
-
-# The web-page test drives Debian's Chromium headless; install it when we may (CI runs as root).
-if ! command -v chromium >/dev/null 2>&1; then
+# System tools some tests drive, installed in one apt run when we may (CI runs as root): `ip` and curl for
+# the multi-host tests' network namespaces, Debian's Chromium for the web-page test.
+missing=""
+command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+command -v curl >/dev/null 2>&1 || missing="$missing curl"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-      || echo "setup: could not install chromium; the browser test will be skipped" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
+      || echo "setup: could not install$missing; the tests that need them will be skipped" >&2
   else
-    echo "setup: chromium not found; install it (e.g. apt-get install chromium) to run the browser test" >&2
+    echo "setup: not found:$missing (install them, e.g. apt-get install$missing, to run the multi-host and" \
+         "browser tests)" >&2
   fi
 fi
 echo "setup: done ($(.venv/bin/python -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'))"
