@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .config import TrainingConfig
 from .engine import world
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def _checkpoint_at(uri: str):
     return ray.train.Checkpoint(path, filesystem=filesystem)
 
 
-def run_config(config, *, verbose: bool = False):
+def run_config(config: TrainingConfig, *, verbose: bool = False):
     """The Ray Train `RunConfig` both trainers use, from a resolved `TrainingConfig`: run name, storage,
     worker-group restarts, checkpoints kept, and Ray Train's own log level (its INFO lines about starting
     worker groups only with `verbose`).
