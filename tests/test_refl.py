@@ -52,7 +52,7 @@ def test_preprocessing_gap_measured():
     """Tensor (gradient) vs PIL (scoring) preprocessing: measured, small, and not zero where resizing."""
     import rayapp
     from rayapp.model.tokenizer import build_wordpiece_tokenizer
-    from rayapp.refl.preprocess import preprocessing_gap, smooth_test_images
+    from preprocess_probe import preprocessing_gap, smooth_test_images
 
     model = rayapp.create_model("tiny", tokenizer=build_wordpiece_tokenizer("one red circle".split()), seed=0).eval()
     same_size = preprocessing_gap(smooth_test_images(4, 64, 64), 64, model, "one red circle")
