@@ -30,9 +30,7 @@ import os
 
 import numpy as np
 
-# the plain-Python (no Ray) views of the same data, re-exported for evaluation code
-from rayapp.data.pairs import expand_pairs, iter_pairs, pair_indices, pair_kind  # noqa: F401
-from rayapp.data.shards import iter_comparisons  # noqa: F401
+from rayapp.data.pairs import pair_indices, pair_kind
 
 DEFAULT_CPUS_PER_TASK = 0.25
 DEFAULT_BATCH_SIZE = 32  # what consumers iterate with; preprocessing runs on larger blocks
@@ -198,14 +196,6 @@ def normalize_pair_batch(batch: dict, *, with_ids: bool = False) -> dict:
     return out
 
 
-def pair_rows(record: dict) -> list[dict]:
-    """The pairs of one prompt record as dicts (same columns as `expand_pair_block`), for code without Ray."""
-    import pyarrow as pa
-
-    table = pa.Table.from_pylist([{c: record[c] for c in (*REQUIRED_COLUMNS, *LABEL_COLUMNS) if c in record}])
-    return expand_pair_block(table).to_pylist()
-
-
 _TOKENIZERS: dict[str, object] = {}
 
 
@@ -218,54 +208,6 @@ def _tokenizer(tokenizer_dir: str, via=None):
 
         _TOKENIZERS[tokenizer_dir] = load_tokenizer(local_dir(tokenizer_dir, via=via))
     return _TOKENIZERS[tokenizer_dir]
-
-
-def _crops(images, label: str, ids: list[str], image_size: int, index_of: dict, crops: list) -> np.ndarray:
-    """Indices into `crops` for each image of a column, decoding and cropping each distinct image once."""
-    from rayapp.model.images import ImageInputError, crop_uint8, load_image
-
-    out = np.empty(len(images), dtype=np.int64)
-    for i, data in enumerate(images):
-        key = bytes(data) if not isinstance(data, bytes) else data
-        position = index_of.get(key)
-        if position is None:
-            try:
-                crops.append(crop_uint8(load_image(key, i), image_size))
-            except ImageInputError as err:
-                raise ImageInputError(f"{label} of pair {ids[i]}: {err}") from err
-            position = index_of[key] = len(crops) - 1
-        out[i] = position
-    return out
-
-
-def preprocess_pair_batch(batch: dict, *, image_size: int, tokenizer_dir: str, max_length: int,
-                          with_ids: bool = False) -> dict:
-    """Ray map_batches fn (numpy in and out): decode + crop each distinct image once, normalise the batch in
-    one go, tokenise each distinct prompt once."""
-    from rayapp.model.images import normalize_uint8
-
-    ids = [str(p) for p in batch["pair_id"]]
-    index_of: dict[bytes, int] = {}
-    crops: list[np.ndarray] = []
-    better = _crops(batch["image_better"], "image_better", ids, image_size, index_of, crops)
-    worse = _crops(batch["image_worse"], "image_worse", ids, image_size, index_of, crops)
-    pixels = normalize_uint8(np.stack(crops)) if crops else np.zeros((0, 3, image_size, image_size), np.float32)
-    prompts = [str(p) for p in batch["prompt"]]
-    distinct = list(dict.fromkeys(prompts))
-    enc = _tokenizer(tokenizer_dir)(distinct, padding="max_length", truncation=True, max_length=max_length,
-                                    return_tensors="np")
-    which = {p: k for k, p in enumerate(distinct)}
-    rows = np.asarray([which[p] for p in prompts], dtype=np.int64)
-    out = {
-        "pixels_better": pixels[better],
-        "pixels_worse": pixels[worse],
-        "input_ids": enc["input_ids"].astype(np.int64)[rows],
-        "attention_mask": enc["attention_mask"].astype(np.int64)[rows],
-        "pair_kind": np.asarray([str(k) for k in batch["pair_kind"]], dtype=object),
-    }
-    if with_ids:
-        out["pair_id"] = np.asarray(ids, dtype=object)
-    return out
 
 
 TENSOR_COLUMNS = ("pixels_better", "pixels_worse", "input_ids", "attention_mask")
