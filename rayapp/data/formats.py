@@ -1,4 +1,4 @@
-"""Converting comparison data to Parquet shards (format b): the shared core, ImageRewardDB-style JSON, dispatch.
+"""Converting comparison data to Parquet shards (format b): ImageRewardDB-style JSON, and the format dispatch.
 
 Sources (`convert_source(..., fmt=...)`, "auto" picks by what it finds and says which):
 - "json":          a JSON list (or `.jsonl`) of `{id, prompt, generations: [paths relative to an image root],
@@ -8,130 +8,21 @@ Sources (`convert_source(..., fmt=...)`, "auto" picks by what it finds and says 
 - "pairs":         a plain `prompt, image_better, image_worse` table (`rayapp.data.pair_tables`).
 
 Conversion never drops a record silently: bad ones fail the run with every id listed (and no output left
-behind), or with `skip_bad` are skipped and reported. Shards are written to a local staging directory and
-published at the end (renamed into place locally, uploaded for a URI).
+behind), or with `skip_bad` are skipped and reported. The shard writing itself, shared by every format, is
+`rayapp.data.conversion`.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from rayapp.data import storage
-from rayapp.data.pairs import count_pairs
-from rayapp.data.shards import (
-    COMPARISON_SCHEMA,
-    DEFAULT_ROWS_PER_SHARD,
-    ShardWriter,
-    check_out_dir,
-    publish_dir,
-)
+from rayapp.data import imagerewarddb, pair_tables, storage
+from rayapp.data.conversion import BadRecordsError as BadRecordsError  # callers catch it from here
+from rayapp.data.conversion import Candidate, ConvertReport, check_image, write_converted
+from rayapp.data.shards import DEFAULT_ROWS_PER_SHARD
 
 FORMATS = ("json", "imagerewarddb", "pickapic", "pairs")
-DEFAULT_BYTES_PER_SHARD = 256 * 2**20  # image bytes per Parquet file before it is closed
-
-
-class BadRecordsError(ValueError):
-    """Some records cannot be converted; `.bad` lists (id, reason) for each."""
-
-    def __init__(self, bad: list[tuple[str, str]], total: int):
-        self.bad = bad
-        shown = "\n".join(f"  {rid}: {reason}" for rid, reason in bad[:50])
-        more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
-        super().__init__(f"{len(bad)} of {total} records are bad (rerun with --skip-bad to skip them):\n{shown}{more}")
-
-
-@dataclass
-class ConvertReport:
-    """What a conversion wrote and what it skipped."""
-
-    out_dir: str
-    format: str = "json"
-    rows: int = 0
-    images: int = 0
-    pairs: int = 0
-    shards: list[str] = field(default_factory=list)
-    bad: list[tuple[str, str]] = field(default_factory=list)  # (record id, reason) of skipped records
-    note: str = ""  # e.g. how "auto" decided
-
-
-@dataclass
-class Candidate:
-    """One record on its way to a shard: its row, or why it is bad."""
-
-    label: str
-    row: dict | None = None
-    reason: str | None = None
-
-
-def check_image(data, label: str) -> str | None:
-    """Why these encoded bytes are not a usable image (fully decoded), or None."""
-    from rayapp.model.images import ImageInputError, load_image
-
-    if data is None or len(data) == 0:
-        return f"{label}: missing image (no bytes)"
-    try:
-        load_image(bytes(data))
-    except ImageInputError as err:
-        cause = type(err.__cause__).__name__ if err.__cause__ is not None else "ImageInputError"
-        return f"{label}: cannot decode image ({cause})"
-    return None
-
-
-def write_converted(candidates: Iterable[Candidate], out_dir: str | os.PathLike, *, fmt: str,
-                    schema=COMPARISON_SCHEMA, skip_bad: bool = False,
-                    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, bytes_per_shard: int = DEFAULT_BYTES_PER_SHARD,
-                    overwrite: bool = False, progress: bool = True, total: int | None = None,
-                    desc: str = "convert") -> ConvertReport:
-    """Stream candidates into shards at `out_dir` (local or URI); all-or-nothing unless `skip_bad`.
-
-    Rows need `id`, `prompt`, `images` (bytes), `ranking` and the schema's other columns; a repeated id is bad.
-    """
-    from tqdm import tqdm
-
-    out = os.fspath(out_dir)
-    check_out_dir(out, overwrite=overwrite)
-    if storage.is_uri(out):
-        staging = Path(tempfile.mkdtemp(prefix="rayapp-convert-"))
-    else:
-        # a sibling dir, so that publishing is a rename on the same filesystem
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.partial-", dir=Path(out).parent))
-    report = ConvertReport(out_dir=out, format=fmt)
-    seen: set[str] = set()
-    count = 0
-    try:
-        with ShardWriter(staging, schema=schema, rows_per_shard=rows_per_shard,
-                         bytes_per_shard=bytes_per_shard) as writer:
-            for candidate in tqdm(candidates, desc=desc, unit="prompt", total=total, disable=not progress):
-                count += 1
-                reason = candidate.reason
-                if reason is None and candidate.row["id"] in seen:
-                    reason = "duplicate id"
-                if reason is not None:
-                    report.bad.append((candidate.label, reason))
-                    continue
-                row = candidate.row
-                seen.add(row["id"])
-                writer.write(row)
-                report.rows += 1
-                report.images += len(row["images"])
-                report.pairs += count_pairs(row["ranking"])
-        if report.bad and not skip_bad:
-            raise BadRecordsError(report.bad, count)
-        if report.rows == 0:
-            raise ValueError(f"nothing to write to {out}: no usable records"
-                             + (f" ({len(report.bad)} bad)" if report.bad else ""))
-        publish_dir(staging, out)
-        report.shards = [storage.join(out, p.name) for p in writer.paths]
-        return report
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 # --------------------------------------------------------------------------------------------- JSON
@@ -228,8 +119,6 @@ def convert(json_path: str | os.PathLike, image_root: str | os.PathLike, out_dir
 # --------------------------------------------------------------------------------------------- dispatch
 def detect_format(source: str | os.PathLike) -> tuple[str, str]:
     """(format, why) for a source path or URI, from its name, layout or columns."""
-    from rayapp.data import imagerewarddb, pair_tables
-
     text = os.fspath(source)
     kind = storage.file_type(text)
     if kind == "missing":
@@ -259,8 +148,6 @@ def convert_source(source: str | os.PathLike, out_dir: str | os.PathLike, *, fmt
                    overwrite: bool = False, progress: bool = True,
                    on_detect: Callable[[str, str], None] | None = None) -> list[ConvertReport]:
     """Convert any supported source; one report per written directory (one per split for ImageRewardDB)."""
-    from rayapp.data import imagerewarddb, pair_tables
-
     note = ""
     if fmt == "auto":
         fmt, why = detect_format(source)

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from rayapp.data import storage
-from rayapp.data.formats import Candidate, ConvertReport, check_image, write_converted
+from rayapp.data.conversion import Candidate, ConvertReport, check_image, write_converted
 from rayapp.data.shards import (
     DEFAULT_ROWS_PER_SHARD,
     IMAGEREWARDDB_SCHEMA,

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from rayapp.data import storage
-from rayapp.data.formats import Candidate, ConvertReport, check_image, write_converted
+from rayapp.data.conversion import Candidate, ConvertReport, check_image, write_converted
 from rayapp.data.shards import COMPARISON_SCHEMA, DEFAULT_ROWS_PER_SHARD
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
