@@ -17,9 +17,9 @@ others still run; the exit status is 1 if any failed):
   refl     one ReFL update at Stable Diffusion 1.5 size (UNet, VAE, CLIP-L text encoder from the SD 1.5
            config dicts below, 512 px, 40 DDIM steps, gradient step drawn from 30..39) with the full-size
            ImageReward as the reward, through `rayapp.refl.objective.reward_loss_step` and a DeepSpeed bf16
-           engine in this one process (as `rayapp.refl.loop` does in each worker): full UNet and LoRA rank 4,
+           engine in this one process (as `rayapp.refl.task` does in each worker): full UNet and LoRA rank 4,
            each with and without gradient checkpointing: s/update and peak GPU memory.
-  rm       a full-size reward-model training step (`rayapp.rm.loop`'s model, loss and a DeepSpeed bf16 engine
+  rm       a full-size reward-model training step (`rayapp.rm.task`'s model, loss and a DeepSpeed bf16 engine
            from `rayapp.runtime.engine.initialize_engine`, ZeRO-2, fix_rate 0.7) in one process: pairs/s and
            peak GPU memory at 4 and 16 pairs per step.
 `--smoke` runs the same code on the CPU with the tiny presets, a tiny UNet/VAE/text encoder at 64 px, a few
@@ -605,7 +605,7 @@ def rm_step_rate(engine, model, pairs: int, device, profile: Profile, memory: Pe
     as the Ray Data pipeline does)."""
     import torch
 
-    from rayapp.rm.loop import pair_loss, pair_rewards
+    from rayapp.rm.task import pair_loss, pair_rewards
 
     size = model.config.image_size
     ids, mask = model.tokenize([PROMPT] * pairs)
@@ -628,7 +628,7 @@ def section_rm(profile: Profile, work: Path) -> dict:
     import torch
 
     from rayapp.rm import RMTrainConfig
-    from rayapp.rm.loop import build_model
+    from rayapp.rm.task import build_model
     from rayapp.runtime import engine as rt
 
     single_process_distributed_env()

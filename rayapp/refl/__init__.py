@@ -1,5 +1,5 @@
-"""ReFL (reward feedback learning) of Stable Diffusion on Ray Train + DeepSpeed: config, objective, worker loop,
-driver, data, evaluation and pictures.
+"""ReFL (reward feedback learning) of Stable Diffusion on Ray Train + DeepSpeed: config, objective, its task in
+the shared loop, driver, data, evaluation and pictures.
 
     from rayapp.refl import ReFLConfig, run_refl
     result = run_refl(ReFLConfig.from_preset("offline", output_dir="runs/refl"))

@@ -112,18 +112,19 @@ class ReFLConfig(TrainingConfig):
     num_workers: int = option(8, "Ray Train workers (data-parallel ranks)")
     use_gpu: bool = option(True, "one GPU per worker; asking a cluster without GPUs fails at once")
     checkpoint_every: int = option(0, "checkpoint every this many updates; 0 = with every evaluation")
+    log_every: int = option(1, "report metrics and print a progress line every this many updates (0 = only "
+                               "with evaluations and checkpoints)")
     output_dir: str = option("runs/refl", "final model (final/), eval grids (eval/), reward curve, history.json "
                                           "and config.json go here")
 
     def __post_init__(self) -> None:
         self.eval_prompts = tuple(self.eval_prompts)
         self.eval_seeds = tuple(int(s) for s in self.eval_seeds)
-        self.adam_betas = tuple(self.adam_betas)
-        self.validate()
+        super().__post_init__()
 
     def validate(self) -> None:
         """Raise ValueError on inconsistent settings."""
-        self.validate_training()
+        super().validate()
         if self.num_inference_steps < 1:
             raise ValueError("num_inference_steps must be >= 1")
         if not 0 <= self.grad_step_min <= self.grad_step_max < self.num_inference_steps:

@@ -1,4 +1,4 @@
-"""Reward-model training on Ray Train + DeepSpeed: config, worker loop, driver, evaluation.
+"""Reward-model training on Ray Train + DeepSpeed: config, its task in the shared loop, driver, evaluation.
 
     from rayapp.rm import RMTrainConfig, train_reward_model
     result = train_reward_model(RMTrainConfig.from_preset("offline", output_dir="runs/rm"))
@@ -6,6 +6,6 @@
 from __future__ import annotations
 
 from .config import RMTrainConfig
-from .trainer import RMTrainResult, train_reward_model
+from .driver import RMTrainResult, train_reward_model
 
 __all__ = ["RMTrainConfig", "RMTrainResult", "train_reward_model"]

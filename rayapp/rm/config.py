@@ -51,7 +51,6 @@ class RMTrainConfig(TrainingConfig):
     max_steps: int | None = option(None, "optimizer updates in total; none = num_epochs x updates per epoch")
     evals_per_epoch: int = option(4, "validation passes per epoch (SPEC 2: 4); the last one ends the epoch")
     eval_every: int = option(0, "if > 0, validate every this many updates (and at epoch ends) instead")
-    log_every: int = option(10, "report the train loss every this many updates (0 = only with validation)")
     # --- overrides of shared defaults (the reference recipe) ---
     train_batch_size: int = option(4, "comparison pairs (2 images each) per worker per micro-batch")
     gradient_accumulation_steps: int = option(4, "micro-batches per optimizer update")
@@ -65,13 +64,15 @@ class RMTrainConfig(TrainingConfig):
 
     def validate(self) -> None:
         """Raise ValueError on inconsistent settings."""
-        self.validate_training()
+        super().validate()
         if self.materialize not in ("auto", "yes", "no"):
             raise ValueError(f"materialize must be auto, yes or no, got {self.materialize!r}")
         if not 0.0 <= self.fix_rate < 1.0:
             raise ValueError(f"fix_rate must be in [0, 1), got {self.fix_rate}")
         if self.num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1, got {self.num_epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
 
     @property
     def pairs_per_update(self) -> int:

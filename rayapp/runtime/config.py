@@ -51,6 +51,16 @@ class TrainingConfig:
     storage_path: str | None = option(None, "Ray Train storage for checkpoints (a path every node sees, or "
                                             "s3://...); none = <output_dir>/ray")
     run_name: str | None = option(None, "run name under storage_path; none = <job>-<timestamp>")
+    # --- following a run ---
+    log_every: int = option(10, "report metrics and print a progress line every this many updates (0 = only "
+                                "with evaluations and checkpoints)")
+    tracking: str = option("tensorboard", "where metrics go besides the console: a comma list of tensorboard "
+                                          "(event files under <output_dir>/tensorboard), mlflow "
+                                          "(MLFLOW_TRACKING_URI), wandb (WANDB_MODE=offline works), or none")
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)
+        self.validate()
 
     @classmethod
     def from_preset(cls, name: str | None = None, **overrides):
@@ -71,6 +81,10 @@ class TrainingConfig:
     def save(self, path: str | Path) -> None:
         """Write the config as JSON (readable back with `--config`)."""
         save_config(self, path)
+
+    def validate(self) -> None:
+        """Raise ValueError on an inconsistent setting (every config is checked when it is made or replaced)."""
+        self.validate_training()
 
     def validate_training(self) -> None:
         """Raise ValueError on an inconsistent shared setting."""
@@ -93,3 +107,8 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.log_every < 0:
+            raise ValueError(f"log_every must be >= 0, got {self.log_every}")
+        from .tracking import parse_tracking
+
+        parse_tracking(self.tracking)  # names only; whether the packages are installed is checked at run time
