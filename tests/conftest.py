@@ -262,3 +262,16 @@ def serve_manager(ray_cluster, tiny_rm_dir, tiny_blip_dir, serve_checkpoint_root
 def serve_app(serve_manager) -> ServeApp:
     """The tiny reward endpoint on a free loopback port (started once, shared by tests/test_serve*.py)."""
     return serve_manager.ensure()
+
+
+# --- run tracking ---
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (SQLite backend, artifacts in tmp), stopped at session end."""
+    from tracking_support import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
