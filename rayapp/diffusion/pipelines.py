@@ -1,39 +1,15 @@
 """Loading diffusers text-to-image pipelines (hub name, local folder, or an offline tiny one) and their geometry."""
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 
+from .schedulers import make_scheduler
+from .tiny import tiny_sd_pipeline
+from .tiny_sdxl import tiny_sdxl_pipeline
+
 # Names that build a tiny random-weight pipeline in memory instead of loading one (see tiny.py, tiny_sdxl.py).
 TINY_PIPELINES = ("tiny", "tiny-sdxl")
-
-
-def make_scheduler(kind: str = "ddim", config: dict | None = None):
-    """A DDIM or DDPM scheduler; `config` (e.g. a pipeline's scheduler.config, any scheduler class) supplies
-    the beta schedule, timestep spacing and prediction type; SD's defaults otherwise."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    base = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "prediction_type": "epsilon",
-    }
-    kinds = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
-    cls = kinds.get(kind.lower())
-    if cls is None:
-        raise ValueError(f"unknown scheduler {kind!r}; use 'ddim' or 'ddpm'")
-    if config is not None:
-        # Keep only what this class takes: another class's settings (Euler's sigmas, PNDM's PRK steps) do not
-        # apply and would only be logged as ignored.
-        accepted = set(inspect.signature(cls.__init__).parameters)
-        base.update({k: v for k, v in dict(config).items() if k in accepted})
-    return cls.from_config(base)
 
 
 def pipeline_resolution(pipe_or_unet_vae) -> int:
@@ -55,12 +31,8 @@ def vae_scale_factor(vae) -> int:
 def tiny_pipeline(name: str, seed: int = 0, scheduler: str | None = None):
     """The tiny pipeline a name in TINY_PIPELINES stands for, built in memory."""
     if name == "tiny":
-        from .tiny import tiny_sd_pipeline
-
         return tiny_sd_pipeline(seed=seed, scheduler=scheduler or "ddim")
     if name == "tiny-sdxl":
-        from .tiny_sdxl import tiny_sdxl_pipeline
-
         pipe = tiny_sdxl_pipeline(seed=seed)
         if scheduler is not None:
             pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)

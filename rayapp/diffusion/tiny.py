@@ -1,4 +1,4 @@
-"""A tiny Stable Diffusion pipeline built from configs (random weights), and a pipeline loader.
+"""A tiny Stable Diffusion pipeline built from configs (random weights), for offline tests and presets.
 
 `build_tiny_sd_pipeline(dir)` writes a complete `StableDiffusionPipeline` (UNet, VAE, CLIP text encoder,
 a small CLIP byte-level BPE vocabulary, DDIM scheduler) with `save_pretrained`; it loads offline with
@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 from rayapp.data.synth import vocabulary
+
+from .schedulers import make_scheduler
 
 # Words that get whole-word BPE tokens (everything else still splits into byte tokens): the synthetic
 # captions' vocabulary plus words common in example prompts.
@@ -159,8 +161,6 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
     """The tiny pipeline of `build_tiny_sd_pipeline`, in memory (same seed -> same weights, any process)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
-
-    from .pipelines import make_scheduler
 
     tokenizer = build_tiny_clip_tokenizer()
 

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from .schedulers import sdxl_scheduler_config
 from .tiny import (
     TINY_IMAGE_SIZE,
     TINY_TEXT_HIDDEN,
@@ -26,13 +27,6 @@ from .tiny import (
 TINY_SDXL_TIME_EMBED_DIM = 8  # SDXL base: 256 per size/crop number
 TINY_SDXL_PROJECTION_DIM = 32  # SDXL base: 1280 (text_encoder_2's projection)
 TINY_SDXL_VAE_SCALING = 0.13025  # SDXL's VAE scaling factor, kept so the latent scale differs from SD 1.x
-
-
-def sdxl_scheduler_config() -> dict:
-    """SDXL base's scheduler settings (Euler, scaled-linear 0.00085..0.012, "leading" spacing, offset 1)."""
-    return {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-            "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1,
-            "interpolation_type": "linear", "use_karras_sigmas": False}
 
 
 def tiny_sdxl_pipeline(seed: int = 0):
