@@ -1,6 +1,7 @@
-"""Fault injection for the training tests, passed in as update callbacks (never part of the user-facing CLI).
+"""Fault injection for the tests, from the test side only (never part of the library or its CLI).
 
-The classes travel to the Ray Train workers by value (cloudpickle), so the workers need not import `tests`.
+Training faults are update callbacks; the classes travel to the Ray Train workers by value (cloudpickle), so
+the workers need not import `tests`. `exit_once_files_exist` kills a driver process the way a lost machine would.
 """
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 
 import ray.cloudpickle
@@ -70,6 +73,19 @@ class ForgeHalfWrittenCheckpoint:
         state["completed_updates"] = list(range(self.claimed_step))
         (forged / "trainer_state.json").write_text(json.dumps(state))
         (forged / "rank_done.1").unlink()
+
+
+def exit_once_files_exist(directory: str | os.PathLike, pattern: str, count: int, code: int = 17) -> None:
+    """Start a thread that hard-exits this process (`os._exit(code)`: no cleanup, no atexit, Ray actors die with
+    their driver) once `count` files matching `pattern` exist in `directory`."""
+
+    def watch() -> None:
+        while len(list(Path(directory).glob(pattern))) < count:
+            time.sleep(0.05)
+        os._exit(code)
+
+    threading.Thread(target=watch, daemon=True, name="exit-once-files-exist").start()
+
 
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

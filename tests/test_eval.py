@@ -280,17 +280,23 @@ def test_batch_scoring_equals_library_row_by_row(ray_cluster, flat_parquet, tiny
 
 
 def test_score_job_resume_after_crash_writes_each_row_once(ray_cluster, synth, tiny_rm_dir, tmp_path, capsys):
-    """A real crash of the job's driver process (os._exit after 2 blocks) then `--resume` via the job script."""
+    """A real crash of the job's driver process (a hard exit once 2 parts exist) then `--resume` via the job
+    script. The crash comes from tests/faults.py, loaded into the job's process before the job runs."""
     from rayapp.data.shards import count_rows, iter_comparisons
-    from rayapp.eval.batch_scoring import CRASH_AFTER_ENV, read_scored
+    from rayapp.eval.batch_scoring import read_scored
 
     out = tmp_path / "scores"
     data = synth / "train"
-    cmd = [sys.executable, str(REPO / "jobs" / "score_dataset.py"), "--input", str(data), "--output", str(out),
+    job_script = str(REPO / "jobs" / "score_dataset.py")
+    cmd = [sys.executable, job_script, "--input", str(data), "--output", str(out),
            "--scorer", str(tiny_rm_dir), "--rows-per-block", "2", "--num-cpus", "0.5", "--no-progress",
            "--drop-images"]
-    env = {**ray_cluster.env, CRASH_AFTER_ENV: "2", "PYTHONPATH": str(REPO)}
-    crashed = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=240)
+    crash_then_run = (f"import runpy, sys; from faults import exit_once_files_exist; "
+                      f"exit_once_files_exist({str(out)!r}, 'part-*.parquet', 2, code=17); "
+                      f"sys.argv = {cmd[1:]!r}; runpy.run_path({job_script!r}, run_name='__main__')")
+    env = {**ray_cluster.env, "PYTHONPATH": str(REPO / "tests")}
+    crashed = subprocess.run([sys.executable, "-c", crash_then_run], env=env, check=False, capture_output=True,
+                             text=True, timeout=240)
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     partial = read_scored(out)["_row_key"].to_pylist()
     total = count_rows(data)

@@ -44,7 +44,6 @@ from typing import Any
 
 ROW_KEY = "_row_key"
 ERROR_COLUMN = "score_error"
-CRASH_AFTER_ENV = "RAYAPP_SCORE_CRASH_AFTER_BLOCKS"  # test hook: the driver dies (os._exit) after N blocks
 
 
 @dataclass
@@ -433,20 +432,6 @@ def make_datasink(output: str, run_id: str, fmt: str, count_column: str):
     return ScoredPartsDatasink()
 
 
-def _crash_when_parts_exist(output: str, run_id: str, count: int) -> None:
-    """Test hook: a thread that kills this driver (os._exit(17)) once `count` parts of this run exist."""
-    import threading
-
-    def watch() -> None:
-        while True:
-            mine = [p for p in output_parts(output) if f"part-{run_id}-" in p]
-            if len(mine) >= count:
-                os._exit(17)  # simulated crash for the resume test: no cleanup, actors die with the driver
-            time.sleep(0.05)
-
-    threading.Thread(target=watch, daemon=True, name="crash-hook").start()
-
-
 # ---------------------------------------------------------------------------------------------- job
 def run_score_job(config: ScoreJobConfig) -> ScoreJobResult:
     """Plan, score and write; connects to Ray (RAY_ADDRESS / an existing connection / a local instance)."""
@@ -492,9 +477,6 @@ def run_score_job(config: ScoreJobConfig) -> ScoreJobResult:
     )
     run_id = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}"
     sink = make_datasink(config.output, run_id, fmt, specs[0].column)
-    crash_after = int(os.environ.get(CRASH_AFTER_ENV, "0") or 0)
-    if crash_after:
-        _crash_when_parts_exist(config.output, run_id, crash_after)
     context = ray.data.DataContext.get_current()
     shown = context.enable_progress_bars
     context.enable_progress_bars = config.progress
