@@ -75,6 +75,35 @@ class ForgeHalfWrittenCheckpoint:
         (forged / "rank_done.1").unlink()
 
 
+class PauseForTest:
+    """Rank 0, after update `step`: touches `signal`, then waits (at most `timeout_s`) until the test touches
+    `signal`.go, so the test can set up a fault at an exact point of the run before the next update."""
+
+    def __init__(self, step: int, signal: str | os.PathLike, timeout_s: float = 60):
+        self.step, self.signal, self.timeout_s = step, str(signal), timeout_s
+
+    def __call__(self, event: UpdateEvent) -> None:
+        if event.when != "after" or event.rank != 0 or event.step != self.step or os.path.exists(self.signal):
+            return
+        Path(self.signal).touch()
+        deadline = time.time() + self.timeout_s
+        while not os.path.exists(self.signal + ".go") and time.time() < deadline:
+            time.sleep(0.05)
+
+
+class WorkerPids:
+    """Every rank keeps `<directory>/rank<N>.pid` up to date, so a test can kill a given rank's process."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = str(directory)
+
+    def __call__(self, event: UpdateEvent) -> None:
+        if event.when == "before":
+            path = Path(self.directory) / f"rank{event.rank}.pid"
+            path.with_suffix(".tmp").write_text(str(os.getpid()))
+            path.with_suffix(".tmp").replace(path)
+
+
 def exit_once_files_exist(directory: str | os.PathLike, pattern: str, count: int, code: int = 17) -> None:
     """Start a thread that hard-exits this process (`os._exit(code)`: no cleanup, no atexit, Ray actors die with
     their driver) once `count` files matching `pattern` exist in `directory`."""
