@@ -4,9 +4,10 @@ pairwise accuracy per pair kind and, for caption pairs, per wrong attribute of t
     python tools/recipe_probe.py --data runs/rm/data --lr 1e-3 --warmup 150 --epochs 6
     python tools/recipe_probe.py --data DIR --over '{"vision_num_layers": 5}'    # an architecture variant
 
-DIR is a `rayapp data synth` directory. This is how the tiny preset's training defaults, the synthetic
-set's default attributes (count is not learned) and the "one plain process" pairs/s figure in the README
-were measured; the recipe it finds is then run for real by the learning test on Ray Train + DeepSpeed.
+DIR is a `rayapp data synth` directory. This is how the synthetic set's default attributes (count is not
+learned) and the "one plain process" pairs/s figure in the README were measured. Its data order (a fresh
+permutation every epoch) is not the Ray pipeline's: the offline recipe itself is measured on Ray Train +
+DeepSpeed over several shuffle seeds by benchmarks/recipe_seeds.py.
 Same model, loss (-log sigmoid), Adam, clipping (1.0) and warm-up + cosine schedule as the train loop.
 """
 from __future__ import annotations
@@ -21,13 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 import rayapp
 from rayapp.data import synth
 from rayapp.data.pairs import expand_pairs
 from rayapp.data.shards import iter_comparisons
-from rayapp.rm.loop import pair_loss
+from rayapp.rm.task import pair_loss
 from rayapp.runtime.engine import lr_lambda
 
 
@@ -110,7 +109,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32, help="pairs per update")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: two probes share 2 cores)")
-    parser.add_argument("--over", default="{}", help="JSON overrides of the tiny preset, e.g. '{\"text_num_layers\": 2}'")
+    parser.add_argument("--over", default="{}",
+                        help="JSON overrides of the tiny preset, e.g. '{\"text_num_layers\": 2}'")
     parser.add_argument("--save", default=None, help="save_pretrained directory for the trained model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
