@@ -17,7 +17,7 @@ _LAZY = {
     "create_model": "rayapp.model.loading",
     "ImageReward": "rayapp.model.modeling",
     "RewardModelConfig": "rayapp.model.config",
-    "load_score": "rayapp.eval.baselines",
+    "load_score": "rayapp.scorers",
 }
 __all__ = sorted(_LAZY)  # noqa: PLE0605  (derived, so it cannot drift from _LAZY)
 

@@ -18,7 +18,9 @@ def register(subparsers) -> None:
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--prompt", required=True, help="the text prompt")
     parser.add_argument("--model", default="ImageReward-v1.0",
-                        help="model name, official ImageReward.pt, or a saved directory (default: %(default)s)")
+                        help="a scorer spec (rayapp.scorers): a name in any case (ImageReward, CLIP, BLIP, "
+                             "Aesthetic, ...), NAME:tiny, an official ImageReward.pt, a saved directory or a URI "
+                             "(default: %(default)s)")
     parser.add_argument("--endpoint", help="score through a running rayapp Serve endpoint (http://host:port) instead")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: %(default)s)")
@@ -33,9 +35,9 @@ def score_images(args: argparse.Namespace) -> tuple[str, list[float]]:
         from rayapp.serve.client import RewardClient
 
         return args.endpoint, RewardClient(args.endpoint).score(args.prompt, args.images)
-    from rayapp.model.loading import load
+    from rayapp import scorers
 
-    model = load(args.model, device=args.device, dtype=args.dtype)
+    model = scorers.load(args.model, device=args.device, dtype=args.dtype)
     scores = model.score(args.prompt, args.images, batch_size=args.batch_size,
                          progress=len(args.images) > args.batch_size)
     return args.model, scores

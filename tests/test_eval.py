@@ -182,25 +182,28 @@ def test_baseline_tiny_through_loader(name, tmp_path):
 
 
 def test_baseline_registry_one_module_per_scorer(tmp_path):
-    """Every name has a module with the three constructors; names, spec parsing and saved dirs agree."""
+    """Every baseline registration names a module with the three constructors; names, spec parsing and saved
+    dirs agree."""
     import importlib
 
     import rayapp
-    from rayapp.eval import baselines
+    from rayapp import scorers
     from rayapp.eval.scorers import parse_spec
 
-    assert baselines.available_scores() == list(baselines.BASELINES) == ["CLIP", "BLIP", "Aesthetic"]
-    for name, module_name in baselines.BASELINES.items():
+    baselines = {name: scorers.registration(name).module for name in scorers.available_scores()
+                 if scorers.registration(name).module is not None}
+    assert list(baselines) == ["CLIP", "BLIP", "Aesthetic"]
+    for name, module_name in baselines.items():
         module = importlib.import_module(module_name)
         assert all(callable(getattr(module, f, None)) for f in ("build_tiny", "load_saved", "load_real"))
-        assert baselines.canonical_name(name.upper()) == name
-        assert parse_spec(f"{name.lower()}:tiny").kind == name
+        assert scorers.canonical_name(name.upper()) == name
+        assert parse_spec(f"{name.lower()}:tiny").scorer == name
     with pytest.raises(ValueError, match="available scores"):
         rayapp.load_score("PickScore")
     with pytest.raises(ValueError, match="unknown scorer"):
         parse_spec("PickScore")
     rayapp.load_score("CLIP", config="tiny").save_pretrained(tmp_path / "clip")
-    assert parse_spec(str(tmp_path / "clip")).kind == baselines.saved_baseline(tmp_path / "clip") == "CLIP"
+    assert parse_spec(str(tmp_path / "clip")).scorer == scorers.saved_scorer(tmp_path / "clip") == "CLIP"
     with pytest.raises(ValueError, match="holds a 'CLIP' scorer, not 'BLIP'"):
         rayapp.load_score("BLIP", tmp_path / "clip")
     with pytest.raises(FileNotFoundError, match="scorer.json"):

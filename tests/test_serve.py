@@ -91,7 +91,7 @@ def test_old_one_model_args_still_validate():
         AppArgs.model_validate({"model": "a", "models": [{"id": "b"}]})
     with pytest.raises(ValueError, match="unique"):
         AppArgs.model_validate({"models": [{"id": "b"}, {"id": "b", "scorer": "CLIP"}]})
-    with pytest.raises(ValueError, match="not one of"):
+    with pytest.raises(ValueError, match="unknown scorer 'DALL-E'; available scores"):
         AppArgs.model_validate({"models": [{"id": "b", "scorer": "DALL-E"}]})
 
 

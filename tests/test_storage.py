@@ -352,3 +352,201 @@ def _train(cluster, server, data: str, storage_path: str, out: Path, *, max_step
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     line = [text for text in done.stdout.splitlines() if text.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
+
+
+# ------------------------------------------------------------------------------------------- URI rules and cache
+@pytest.mark.parametrize("text, scheme, remote", [
+    ("s3://bucket/key", "s3", True),
+    ("S3://bucket", "s3", True),
+    ("s3a://bucket/x", "s3a", True),
+    ("gs://b/x", "gs", True),
+    ("abfs://container@account/p", "abfs", True),
+    ("hf://owner/repo/sub", "hf", True),
+    ("https://host/ImageReward.pt", "https", True),
+    ("http://127.0.0.1:8000/x", "http", True),
+    ("s3://b/x?endpoint_override=127.0.0.1:9000", "s3", True),
+    ("file:///tmp/x", "file", False),
+    ("runs/rm/model", "", False),
+    ("/abs/path", "", False),
+    ("C://Users/x", "", False),  # a Windows drive, not a scheme
+    ("c:\\data", "", False),
+    ("ImageReward-v1.0", "", False),
+    ("CLIP:tiny", "", False),
+    ("dir/with://inside", "", False),
+    ("3d://x", "", False),
+    ("s3:/one-slash", "", False),
+    ("://x", "", False),
+    ("", "", False),
+])
+def test_is_uri_table(text, scheme, remote):
+    from rayapp.data import storage
+
+    assert storage.scheme(text) == scheme
+    assert storage.is_uri(text) == bool(scheme)
+    assert storage.is_remote(text) == remote
+
+
+def test_http_names_one_file_not_a_directory():
+    from rayapp.data import storage
+
+    for call in (storage.resolve, storage.list_files, storage.ensure_writable_dir):
+        with pytest.raises(storage.StorageError, match=r"https:// URL names one file .* object store URI"):
+            call("https://example.invalid/shards")
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    from rayapp.data import storage
+
+    monkeypatch.delenv("RAYAPP_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert storage.cache_root() == tmp_path / "home" / ".cache" / "rayapp"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert storage.cache_root() == tmp_path / "xdg" / "rayapp"
+    monkeypatch.setenv("RAYAPP_CACHE", str(tmp_path / "mine"))
+    assert storage.cache_root() == tmp_path / "mine"
+
+
+class _Files:
+    """What the test HTTP server serves, how (whole, slowly, cut off) and how often it was asked."""
+
+    def __init__(self):
+        import threading
+
+        self.body = b""
+        self.mode = "whole"
+        self.gets = 0
+        self.lock = threading.Lock()
+
+
+@pytest.fixture
+def http_files():
+    """A real HTTP server on 127.0.0.1 serving `/w/model.bin` (stopped when the test ends)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    files = _Files()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 -- http.server's name
+            with files.lock:
+                files.gets += 1
+            body = files.body
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            half = len(body) // 2
+            self.wfile.write(body[:half])
+            self.wfile.flush()
+            if files.mode == "cut":
+                return  # the connection closes with half the promised bytes sent
+            if files.mode == "slow":
+                time.sleep(1.0)  # both clients are mid-download together
+            self.wfile.write(body[half:])
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    files.url = f"http://127.0.0.1:{server.server_address[1]}/w/model.bin"
+    try:
+        yield files
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def _entries(cache: Path) -> list[str]:
+    return sorted(p.name for p in (cache / "uri").iterdir()) if (cache / "uri").is_dir() else []
+
+
+def test_cache_never_uses_a_half_written_copy(http_files, tmp_path, monkeypatch):
+    from rayapp.data import storage
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RAYAPP_CACHE", str(cache))
+    http_files.body = os.urandom(4096)
+    # a download cut off half-way is an error and leaves nothing in the cache
+    http_files.mode = "cut"
+    with pytest.raises(OSError, match="stopped after 2048 of 4096 bytes"):
+        storage.local_path(http_files.url)
+    assert _entries(cache) == []
+    # an entry without its marker (a copy made before the rename existed, or by hand) is redone, not used
+    http_files.mode = "whole"
+    key = storage._key(http_files.url)
+    (cache / "uri" / key).mkdir(parents=True)
+    (cache / "uri" / key / "model.bin").write_bytes(b"half")
+    (cache / "uri" / f".{key}.partial-killed").mkdir()  # the staging dir of a fetch whose process died
+    local = Path(storage.local_path(http_files.url))
+    assert local == cache / "uri" / key / "model.bin" and local.read_bytes() == http_files.body
+    assert (local.parent / storage.COMPLETE_MARKER).read_text() == http_files.url
+    assert http_files.gets == 2 and _entries(cache) == [key]
+    # a complete entry is used as it is
+    http_files.body = b"changed on the server"
+    assert Path(storage.local_path(http_files.url)).read_bytes() != http_files.body and http_files.gets == 2
+
+
+FETCH_SCRIPT = """
+import sys
+from rayapp.data import storage
+print("PATH " + storage.local_path(sys.argv[1]))
+"""
+
+
+def test_two_processes_fetching_one_uri_share_one_complete_entry(http_files, tmp_path):
+    from rayapp.data import storage
+
+    cache = tmp_path / "cache"
+    http_files.body = os.urandom(1 << 20)
+    http_files.mode = "slow"
+    env = {**os.environ, "RAYAPP_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", FETCH_SCRIPT, http_files.url], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert all(proc.returncode == 0 for proc in procs), outputs
+    paths = {line[len("PATH "):] for out, _ in outputs for line in out.splitlines() if line.startswith("PATH ")}
+    assert len(paths) == 1
+    (path,) = paths
+    assert Path(path).read_bytes() == http_files.body
+    # one download (the second process waited for the first), one entry, no partial copies left over
+    assert http_files.gets == 1
+    assert _entries(cache) == [storage._key(http_files.url)]
+    assert (Path(path).parent / storage.COMPLETE_MARKER).is_file()
+
+
+def test_a_directory_uri_is_copied_once_and_file_uris_stay_in_place(tmp_path, monkeypatch):
+    import fsspec
+
+    from rayapp.data import storage
+
+    monkeypatch.setenv("RAYAPP_CACHE", str(tmp_path / "cache"))
+    memory = fsspec.filesystem("memory")  # fsspec's in-process filesystem: any scheme without pyarrow support
+    root = f"/{tmp_path.name}"
+    memory.pipe(f"{root}/tok/vocab.txt", b"a b c")
+    memory.pipe(f"{root}/tok/sub/config.json", b"{}")
+    try:
+        uri = f"memory://{tmp_path.name}/tok"
+        local = Path(storage.local_dir(uri))
+        assert local.name == "tok" and (local / "vocab.txt").read_bytes() == b"a b c"
+        assert (local / "sub" / "config.json").read_bytes() == b"{}"
+        memory.pipe(f"{root}/tok/vocab.txt", b"new")
+        assert (Path(storage.local_dir(uri)) / "vocab.txt").read_bytes() == b"a b c"  # the cached copy
+        (local.parent / storage.COMPLETE_MARKER).unlink()  # as if cut off before the marker
+        assert (Path(storage.local_dir(uri)) / "vocab.txt").read_bytes() == b"new"
+        with pytest.raises(NotADirectoryError):
+            storage.local_dir(f"{uri}/vocab.txt")
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            storage.local_path(f"{uri}/missing")
+    finally:
+        memory.rm(root, recursive=True)
+    assert storage.local_path(f"file://{tmp_path}") == str(tmp_path)
+    assert storage.local_path("relative/x") == os.path.abspath("relative/x")

@@ -1,11 +1,27 @@
-"""Local paths and object-store URIs behind one interface: pyarrow filesystems, listing, errors naming the URI.
+"""THE URI and cache module: every local path or URI rayapp reads or writes (data, runtime, serve, jobs) goes
+through these rules.
 
-Every data path of rayapp (shard dirs, converter input and output, batch-scoring input and output) goes
-through `resolve(path) -> (filesystem, path inside it)`:
-- a local path -> `pyarrow.fs.LocalFileSystem` and the absolute path;
-- `s3://`, `gs://`, `abfs://`, `hdfs://`, `file://` -> pyarrow's own filesystem for the scheme;
-- any other scheme fsspec knows (with its package installed: `gcsfs`, `adlfs`, ...) -> fsspec wrapped for
-  pyarrow.
+What counts as a URI (`is_uri`): text that starts with `scheme://`, the scheme being a letter followed by at
+least one more of `[A-Za-z0-9+.-]` (so a Windows drive `C://` is a path). Anything else (`runs/rm/model`,
+`ImageReward-v1.0`, `CLIP:tiny`) is a local path or a name. `is_remote`: a URI other than `file://`, whose
+files are not on this node's disk.
+
+What each scheme can do:
+- a local path and `file://` -> `pyarrow.fs.LocalFileSystem` (read, list, write; `local_path` copies nothing);
+- `s3://` (`s3a://`), `gs://`, `abfs://`, `hdfs://` -> pyarrow's own filesystem (read, list, write);
+- any other scheme fsspec knows (with its package installed: `hf://` through huggingface_hub, `gcsfs`,
+  `adlfs`, ...) -> fsspec wrapped for pyarrow;
+- `http://` / `https://` name ONE file: `local_path` downloads it (model weights, an ImageReward.pt), but
+  `resolve` refuses them with a clear error, since HTTP cannot list or write a directory (data, shards,
+  outputs, checkpoints need an object store URI or a local path).
+
+Local copies (`local_path`, `local_dir`): one cache for the whole package, under `cache_root()` =
+`$RAYAPP_CACHE`, else `$XDG_CACHE_HOME/rayapp`, else `~/.cache/rayapp`. An entry is `uri/<sha256 of the URI>/`
+holding the file or directory under its own name and a `.complete` marker. It is filled in a temporary
+sibling directory and renamed into place after the marker is written, under a per-entry file lock: a copy cut
+off half-way is never used (an entry without its marker is deleted and fetched again), and concurrent processes
+(two Serve replicas loading the same model) fetch once and share the result. `hf://owner/repo[/path]` is
+fetched by huggingface_hub into its own cache (already atomic and shared) instead.
 
 S3 credentials: when `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (and optionally `AWS_SESSION_TOKEN`,
 `AWS_ENDPOINT_URL[_S3]`, `AWS_REGION`) are set in the driver's environment, the filesystem is built with them
@@ -20,13 +36,20 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlparse
 
 PARQUET_SUFFIXES = (".parquet",)
 ARROW_SUFFIXES = (".arrow",)
+CACHE_ENV = "RAYAPP_CACHE"
+COMPLETE_MARKER = ".complete"
+HTTP_SCHEMES = ("http", "https")
 
+# a scheme of two or more characters: one letter alone is a Windows drive (C://x)
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 # pyarrow error texts (AWS SDK error names) that mean "your credentials are wrong"
 _AUTH_MARKERS = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "InvalidAccessKeyId",
                  "SignatureDoesNotMatch", "AccessDenied", "403", "EXPIRED_TOKEN", "UNRECOGNIZED_CLIENT")
@@ -37,11 +60,20 @@ class StorageError(OSError):
     """An object store refused a request (credentials, missing bucket); the message names the URI."""
 
 
+def scheme(path: str | os.PathLike) -> str:
+    """The URI scheme in lower case ("s3", "file", "https", ...); "" for a local path or a name."""
+    match = _SCHEME.match(os.fspath(path))
+    return match.group(1).lower() if match else ""
+
+
 def is_uri(path: str | os.PathLike) -> bool:
-    """True for `scheme://...` (a Windows drive letter is not a scheme)."""
-    text = os.fspath(path)
-    scheme = urlparse(text).scheme
-    return "://" in text and len(scheme) > 1
+    """True for `scheme://...`, `file://` and `http(s)://` included (see the module docstring)."""
+    return bool(scheme(path))
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for a URI whose files are not on this node's disk (every scheme but `file://`)."""
+    return scheme(path) not in ("", "file")
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -91,8 +123,12 @@ def resolve(path: str | os.PathLike):
     text = os.fspath(path)
     if not is_uri(text):
         return pafs.LocalFileSystem(), os.path.abspath(text)
-    scheme = urlparse(text).scheme.lower()
-    if scheme in ("s3", "s3a") and "?" not in text and _env("AWS_ACCESS_KEY_ID") and _env("AWS_SECRET_ACCESS_KEY"):
+    kind = scheme(text)
+    if kind in HTTP_SCHEMES:
+        raise StorageError(f"{text}: an {kind}:// URL names one file to download (model weights: give it as a "
+                           f"scorer source), not a directory that can be listed or written; data, outputs and "
+                           f"checkpoints need a local path or an object store URI (s3://, gs://, abfs://, ...)")
+    if kind in ("s3", "s3a") and "?" not in text and _env("AWS_ACCESS_KEY_ID") and _env("AWS_SECRET_ACCESS_KEY"):
         return _s3_from_env(text.replace("s3a://", "s3://", 1))
     try:
         filesystem, inner = pafs.FileSystem.from_uri(text)
@@ -103,11 +139,11 @@ def resolve(path: str | os.PathLike):
         import fsspec
     except ImportError:
         raise StorageError(f"{text}: pyarrow cannot open this URI ({native_error}); install fsspec and the "
-                           f"package for {scheme}:// (pip install 'rayapp[storage]')") from native_error
+                           f"package for {kind}:// (pip install 'rayapp[storage]')") from native_error
     try:
         fs, inner = fsspec.core.url_to_fs(text)
     except (ImportError, ValueError) as err:
-        raise StorageError(f"{text}: no filesystem for {scheme}:// ({err}); install its fsspec package "
+        raise StorageError(f"{text}: no filesystem for {kind}:// ({err}); install its fsspec package "
                            f"(e.g. gcsfs for gs://, adlfs for abfs://)") from err
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner.rstrip("/") or inner
 
@@ -117,8 +153,9 @@ def display(filesystem, inner: str, like: str | os.PathLike) -> str:
     text = os.fspath(like)
     if not is_uri(text):
         return inner
-    scheme = urlparse(text).scheme
-    return f"{scheme}://{inner.lstrip('/')}"
+    if not is_remote(text):
+        return f"file://{inner}"  # inner is an absolute local path: file:///abs/path
+    return f"{_SCHEME.match(text).group(1)}://{inner.lstrip('/')}"
 
 
 def explain(err: BaseException, uri: str) -> BaseException:
@@ -184,11 +221,11 @@ def list_files(path: str | os.PathLike, suffixes: tuple[str, ...] | None = PARQU
         and not any(part.startswith((".", "_")) for part in posixpath.relpath(i.path, inner).split("/"))
         and (suffixes is None or i.path.endswith(suffixes))
     )
-    if not files and is_uri(path):
+    if not files and is_remote(path):
         _check_bucket(filesystem, inner, path)
     if not files and not missing_ok:
         kind = "/".join(f"*{s}" for s in suffixes) if suffixes else "files"
-        if info.type == pafs.FileType.NotFound and not is_uri(path):
+        if info.type == pafs.FileType.NotFound and not is_remote(path):
             raise FileNotFoundError(f"no file or directory at {os.fspath(path)}")
         raise FileNotFoundError(f"no {kind} under {os.fspath(path)}")
     return filesystem, files
@@ -261,7 +298,7 @@ def ensure_writable_dir(path: str | os.PathLike) -> None:
     """Create `path` (a local dir, or check that a URI's bucket is reachable with these credentials)."""
     filesystem, inner = resolve(path)
     with errors_named(path):
-        if not is_uri(path):
+        if not is_remote(path):
             os.makedirs(inner, exist_ok=True)
             return
         # the bucket must exist: asking about it surfaces missing buckets and bad credentials here, not
@@ -287,47 +324,187 @@ def upload_dir(local_dir: str | os.PathLike, destination: str | os.PathLike) -> 
                         destination_filesystem=filesystem)
 
 
-def download_dir(source: str | os.PathLike, local_dir: str | os.PathLike) -> str:
-    """Copy a directory tree (local path or URI) to `local_dir`; returns `local_dir`."""
-    import pyarrow.fs as pafs
-
-    filesystem, inner = resolve(source)
-    os.makedirs(local_dir, exist_ok=True)
-    with errors_named(source):
-        pafs.copy_files(inner, os.path.abspath(os.fspath(local_dir)), source_filesystem=filesystem,
-                        destination_filesystem=pafs.LocalFileSystem())
-    return os.fspath(local_dir)
+# ------------------------------------------------------------------------------------------- local copies
+def cache_root() -> Path:
+    """Where local copies of URIs live: `$RAYAPP_CACHE`, else `$XDG_CACHE_HOME/rayapp`, else ~/.cache/rayapp."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "rayapp"
 
 
-def local_dir(path: str | os.PathLike, cache_root: str | os.PathLike | None = None, *, via=None) -> str:
-    """A local directory holding `path`'s files: `path` itself when local, else a downloaded copy.
-
-    For things that only load from disk (tokenizers). Copies go under `cache_root` (default: a per-user
-    temp dir keyed by the URI), reused when already there. `via=(filesystem, inner path)` downloads through
-    a filesystem made elsewhere (the driver's, with its credentials) instead of resolving `path` here.
-    """
-    text = os.fspath(path)
-    if not is_uri(text):
-        return os.path.abspath(text)
+def _key(text: str) -> str:
     import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@contextmanager
+def _locked(name: str) -> Iterator[bool]:
+    """Hold the cache's exclusive lock `name` (one fetch of a thing at a time, across processes on this node);
+    yields False where the filesystem has no locks (the atomic rename still keeps entries whole there)."""
+    import fcntl
+
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{_key(name)}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            held = True
+        except OSError:
+            held = False
+        yield held  # the lock goes with the file handle, also when this process dies
+
+
+def _name_of(inner: str) -> str:
+    return posixpath.basename(inner.rstrip("/")) or "root"
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete `path` (file or tree) after renaming it aside, so no reader sees it half-deleted."""
     import shutil
     import tempfile
 
+    if not os.path.lexists(path):
+        return
+    aside = tempfile.mkdtemp(prefix=f".{path.name}.stale-", dir=path.parent)
+    try:
+        os.rename(path, os.path.join(aside, "x"))
+    except FileNotFoundError:  # gone meanwhile (only possible without the lock)
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _cached(uri: str, name: str, fill: Callable[[Path], None]) -> str:
+    """`<entry>/<name>` of `uri`'s cache entry, made once by `fill(destination)` (see the module docstring)."""
+    import shutil
+    import tempfile
+
+    entries = cache_root() / "uri"
+    key = _key(uri)
+    entry = entries / key
+    if (entry / COMPLETE_MARKER).is_file():
+        return os.fspath(entry / name)
+    entries.mkdir(parents=True, exist_ok=True)
+    with _locked(uri) as held:
+        if (entry / COMPLETE_MARKER).is_file():  # another process fetched it while this one waited
+            return os.fspath(entry / name)
+        _remove_tree(entry)  # a copy without its marker was cut off: never used, fetched again
+        for stale in entries.glob(f".{key}.partial-*") if held else ():  # left by a fetch that died
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=entries))
+        try:
+            fill(staging / name)
+            (staging / COMPLETE_MARKER).write_text(uri)
+            os.rename(staging, entry)
+        except OSError:
+            if not (entry / COMPLETE_MARKER).is_file():  # not "another process (without a lock) won"
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return os.fspath(entry / name)
+
+
+def _http_get(url: str, destination: str | os.PathLike) -> None:
+    """Stream one URL into `destination`; a body shorter than its Content-Length is an error, not a file."""
+    import urllib.request
+
+    written = 0
+    with urllib.request.urlopen(url) as response, open(destination, "wb") as out:
+        expected = response.headers.get("Content-Length")
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+            written += len(chunk)
+    if expected is not None and written != int(expected):
+        raise OSError(f"{url}: the download stopped after {written} of {expected} bytes")
+
+
+def download_file(url: str, target: str | os.PathLike) -> Path:
+    """The http(s) file `url` at `target` (a fixed place, such as the reference's ~/.cache/ImageReward), fetched
+    once: into a temporary sibling renamed on completion, one process at a time."""
+    import tempfile
+
+    target = Path(target).expanduser()
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(os.fspath(target.resolve())):
+        if target.is_file():
+            return target
+        handle, partial = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+        os.close(handle)
+        try:
+            _http_get(url, partial)
+            os.replace(partial, target)
+        except BaseException:
+            os.unlink(partial)
+            raise
+    return target
+
+
+def _hf_local(uri: str) -> str:
+    """`hf://owner/repo[/path]` from huggingface_hub's cache (a file, a directory, or the whole repo)."""
+    from huggingface_hub import snapshot_download
+
+    owner, _, rest = uri[len("hf://"):].partition("/")
+    repo, _, inside = rest.partition("/")
+    inside = inside.strip("/")
+    if not owner or not repo:
+        raise ValueError(f"{uri}: expected hf://owner/repo[/path]")
+    local = Path(snapshot_download(repo_id=f"{owner}/{repo}",
+                                   allow_patterns=[inside, f"{inside}/*"] if inside else None))
+    found = local / inside if inside else local
+    if not found.exists():
+        raise FileNotFoundError(f"{uri}: no {inside!r} in the hub repo {owner}/{repo}")
+    return os.fspath(found)
+
+
+def local_path(path: str | os.PathLike, *, via=None) -> str:
+    """A path on this node holding `path`'s file or directory: `path` itself when local (or `file://`), else
+    the cache's copy (fetched on first use; see the module docstring).
+
+    `via=(filesystem, inner path)` copies through a filesystem made elsewhere (the driver's, with its
+    credentials) instead of resolving `path` here.
+    """
     import pyarrow.fs as pafs
 
-    root = cache_root or os.path.join(tempfile.gettempdir(), f"rayapp-cache-{os.getuid()}")
-    target = os.path.join(root, hashlib.sha1(text.encode()).hexdigest()[:16])
-    if not os.path.isdir(target) or not os.listdir(target):
-        partial = f"{target}.partial-{os.getpid()}"
-        if via is None:
-            download_dir(text, partial)
-        else:
-            os.makedirs(partial, exist_ok=True)
-            with errors_named(text):
-                pafs.copy_files(via[1], partial, source_filesystem=via[0],
-                                destination_filesystem=pafs.LocalFileSystem())
-        try:
-            os.replace(partial, target)
-        except OSError:  # another process won the race; its copy is as good
-            shutil.rmtree(partial, ignore_errors=True)
-    return target
+    text = os.fspath(path)
+    kind = scheme(text)
+    if not kind:
+        return os.path.abspath(os.path.expanduser(text))
+    if kind == "file":
+        return resolve(text)[1]
+    if kind == "hf":
+        return _hf_local(text)
+    if kind in HTTP_SCHEMES:
+        name = _name_of(urlparse(text).path)
+        return _cached(text, name, lambda destination: _http_get(text, destination))
+    filesystem, inner = via if via is not None else resolve(text)
+
+    def fill(destination: Path) -> None:
+        with errors_named(text):
+            info = filesystem.get_file_info(inner)
+            if info.type == pafs.FileType.NotFound:
+                raise FileNotFoundError(f"{text} does not exist")
+            if info.type == pafs.FileType.File:
+                with filesystem.open_input_file(inner) as source, open(destination, "wb") as out:
+                    while chunk := source.read(1 << 20):
+                        out.write(chunk)
+                return
+            destination.mkdir()
+            pafs.copy_files(inner, os.fspath(destination), source_filesystem=filesystem,
+                            destination_filesystem=pafs.LocalFileSystem())
+
+    return _cached(text, _name_of(inner), fill)
+
+
+def local_dir(path: str | os.PathLike, *, via=None) -> str:
+    """`local_path` of a directory (for things that only load from disk, such as tokenizers)."""
+    local = local_path(path, via=via)
+    if not os.path.isdir(local):
+        raise NotADirectoryError(f"{os.fspath(path)} is not a directory")
+    return local

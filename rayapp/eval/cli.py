@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from rayapp.eval.baselines import available_scores
+from rayapp.scorers import describe_names
 
 
 def run_table3(args: argparse.Namespace) -> dict:
@@ -90,8 +90,8 @@ def _writing_out(handler):
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scorer", action="append", required=True,
-                        help=f"[LABEL=]SPEC, repeatable: ImageReward, {', '.join(available_scores())}, NAME:tiny, "
-                             "or a saved dir")
+                        help=f"[LABEL=]SPEC, repeatable; SPEC: {describe_names()} (any case), NAME:tiny, a saved "
+                             "dir, an ImageReward .pt or a URI")
     parser.add_argument("--out", help="write the full results (metrics, per-prompt scores) to this JSON file")
     parser.add_argument("--plot", help="write a PNG of the score distributions")
     parser.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")

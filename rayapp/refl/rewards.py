@@ -1,5 +1,8 @@
 """ReFL's reward: one differentiable scorer or a weighted sum of several (`--reward imagereward:1.0,aesthetic:0.1`).
 
+Each term is a spec of the one scorer registry (`rayapp.scorers`: names in any case, NAME:tiny, paths, URIs);
+`load_reward_model` builds the reward once and returns it as a callable, `reward(images_0_1, prompts) -> [B]`.
+
 Every scorer rayapp ships has a differentiable path from images in [0,1] to scores, so each can carry a
 gradient (all of them frozen):
 - ImageReward: `model.reward(images_0_1, prompts)` (BLIP ViT + BERT cross-attention + MLP head);
@@ -17,10 +20,9 @@ from pathlib import Path
 
 import torch
 
+from rayapp import scorers
 from rayapp.model.images import preprocess_tensor
-
-IMAGEREWARD_ALIASES = ("imagereward", "imagereward-v1.0")
-TINY_RM = "tiny"  # the random-but-fixed tiny ImageReward (reward_seed)
+from rayapp.scorers import random_tiny_reward_model  # noqa: F401 -- rayapp.refl.models exports it from here
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,12 @@ class RewardTerm:
 def parse_reward(text: str | None) -> list[RewardTerm]:
     """`SOURCE[:WEIGHT][,SOURCE[:WEIGHT]...]` -> terms; an existing path is one term even with commas or colons.
 
-    SOURCE: imagereward / ImageReward-v1.0 (the published model), tiny (the random tiny RM), a baseline (CLIP,
-    BLIP, Aesthetic, or NAME:tiny for random toy weights), an official .pt or a save_pretrained directory.
-    WEIGHT: a float after the last colon (default 1).
+    SOURCE: a scorer spec of `rayapp.scorers` -- a name in any case (ImageReward / ImageReward-v1.0, CLIP,
+    BLIP, Aesthetic), NAME:tiny for random toy weights (`tiny` alone: the random tiny ImageReward), an official
+    .pt, a save_pretrained directory or a URI. WEIGHT: a float after the last colon (default 1).
     """
     if text is None or str(text).strip().lower() in ("", "none", "null"):
-        return [RewardTerm(TINY_RM, 1.0)]
+        return [RewardTerm(scorers.TINY, 1.0)]
     text = str(text).strip()
     if Path(text).expanduser().exists():
         return [RewardTerm(text, 1.0)]
@@ -63,10 +65,15 @@ def parse_reward(text: str | None) -> list[RewardTerm]:
 
 
 def absolute_reward_paths(text: str | None) -> str | None:
-    """The reward spec with each term that is an existing local path made absolute (jobs run in a copy)."""
+    """The reward spec with each term that is an existing local path made absolute (jobs run in a copy).
+
+    Run on the driver: a term no scorer answers to fails here, with the registry's list of names, not later in
+    a worker."""
     if text is None:
         return None
     terms = parse_reward(text)
+    for term in terms:
+        scorers.parse_spec(term.source)
     if len(terms) == 1 and terms[0].source == str(text).strip():
         path = Path(text).expanduser()
         return os.fspath(path.resolve()) if path.exists() else text
@@ -78,44 +85,15 @@ def absolute_reward_paths(text: str | None) -> str | None:
     return ",".join(parts)
 
 
-def _baseline_name(source: str) -> tuple[str, str] | None:
-    """(baseline name, "tiny" | "hub" | directory) when `source` names a baseline scorer, else None."""
-    from rayapp.eval.baselines import match_baseline, saved_baseline
-
-    name, _, variant = source.partition(":")
-    known = match_baseline(name)
-    if known is not None and variant in ("", "tiny"):
-        return known, variant or "hub"
-    path = Path(source).expanduser()
-    if path.is_dir():
-        saved = saved_baseline(path)
-        if saved is not None:
-            return saved, os.fspath(path)
-    return None
-
-
 def load_scorer(source: str, device: torch.device, *, reward_seed: int = 0, tokenizer=None):
-    """The frozen scorer a reward term names (eval mode, fp32, on `device`)."""
-    return _load_scorer(source, device, reward_seed, tokenizer).eval().requires_grad_(False)
+    """The frozen scorer a reward term names (eval mode, fp32, on `device`).
 
-
-def _load_scorer(source: str, device: torch.device, reward_seed: int, tokenizer):
-    import rayapp
-
-    if source.lower() == TINY_RM:
-        return random_tiny_reward_model(reward_seed, tokenizer).to(device)
-    baseline = _baseline_name(source)
-    if baseline is not None:
-        from rayapp.eval.baselines import load_score
-
-        name, where = baseline
-        if where == "tiny":
-            return load_score(name, config="tiny", device=device, seed=reward_seed)
-        if where == "hub":
-            return load_score(name, device=device)
-        return load_score(name, where, device=device)
-    name = "ImageReward-v1.0" if source.lower() in IMAGEREWARD_ALIASES else source
-    return rayapp.load(name, device=device, tokenizer=tokenizer)
+    `tokenizer` (ReFLConfig.reward_tokenizer) is a BERT tokenizer for ImageReward terms; the other scorers
+    bring their own. `reward_seed` seeds NAME:tiny weights.
+    """
+    ref = scorers.parse_spec(source)
+    own_tokenizer = tokenizer if ref.name == "ImageReward" else None
+    return scorers.load(ref, device=device, seed=reward_seed, tokenizer=own_tokenizer).eval().requires_grad_(False)
 
 
 def differentiable_scores(scorer, images_0_1: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -130,8 +108,12 @@ def differentiable_scores(scorer, images_0_1: torch.Tensor, prompts: list[str]) 
 class WeightedReward:
     """sum_i weight_i x scorer_i: `reward` (differentiable, ReFL's objective) and `score_pairs` (PIL path)."""
 
-    def __init__(self, scorers: list, weights: list[float], labels: list[str]):
-        self.scorers, self.weights, self.labels = list(scorers), [float(w) for w in weights], list(labels)
+    def __init__(self, models: list, weights: list[float], labels: list[str]):
+        self.scorers, self.weights, self.labels = list(models), [float(w) for w in weights], list(labels)
+
+    def __call__(self, images_0_1: torch.Tensor, prompts: str | list[str]) -> torch.Tensor:
+        """The differentiable reward (`reward`): what the training step calls."""
+        return self.reward(images_0_1, prompts)
 
     def reward(self, images_0_1: torch.Tensor, prompts: str | list[str]) -> torch.Tensor:
         """Weighted sum of the scorers' differentiable scores, float32 [B]."""
@@ -169,22 +151,8 @@ class WeightedReward:
 def load_reward_model(cfg, device: torch.device, dtype: torch.dtype) -> WeightedReward:
     """The frozen reward of `cfg.reward` in the training dtype (encoders; heads stay fp32)."""
     terms = parse_reward(cfg.reward)
-    scorers = [load_scorer(term.source, device, reward_seed=cfg.reward_seed, tokenizer=cfg.reward_tokenizer)
-               for term in terms]
-    reward = WeightedReward(scorers, [t.weight for t in terms], [t.source for t in terms])
+    models = [load_scorer(term.source, device, reward_seed=cfg.reward_seed, tokenizer=cfg.reward_tokenizer)
+              for term in terms]
+    reward = WeightedReward(models, [t.weight for t in terms], [t.source for t in terms])
     reward.set_dtype(dtype if dtype != torch.float32 else None)
     return reward.eval().requires_grad_(False)
-
-
-def random_tiny_reward_model(seed: int, tokenizer=None):
-    """The offline default RM: the tiny preset with random-but-fixed weights over the synthetic captions' words.
-
-    Its preferences mean nothing; ReFL can still climb it, which is what the offline runs and tests show.
-    """
-    import rayapp
-    from rayapp.data.synth import vocabulary
-    from rayapp.model.tokenizer import build_wordpiece_tokenizer
-
-    with torch.random.fork_rng(devices=[]):  # building must not move the caller's random stream
-        return rayapp.create_model("tiny", tokenizer=tokenizer or build_wordpiece_tokenizer(vocabulary()),
-                                   seed=seed)

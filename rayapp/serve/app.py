@@ -6,9 +6,9 @@ import os
 
 from ray.serve import Application
 
+from rayapp.data.storage import is_uri
 from rayapp.serve.api import RewardAPI
 from rayapp.serve.config import AppArgs, ModelSpec, MultiplexConfig
-from rayapp.serve.models import is_uri
 from rayapp.serve.resources import (
     DeploymentDemand,
     UnschedulableError,

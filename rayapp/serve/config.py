@@ -9,14 +9,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rayapp import scorers
 from rayapp.serve.limits import ServeLimits
 
-SCORER_KINDS = ("ImageReward", "CLIP", "BLIP", "Aesthetic")
 # Ids appear in URLs, JSON, metric tags and log lines: keep them plain.
 MODEL_ID = re.compile(r"^[A-Za-z0-9/][A-Za-z0-9._+:/-]{0,255}$")
 # A user checkpoint is a relative path under the checkpoint root: segments of plain characters, no '..'.
 CHECKPOINT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._+-]{0,127}){0,7}$")
-BASELINE_OPTION_KEYS = {"config", "weights", "clip_model", "blip_preset", "seed", "download_root"}
+COMMON_OPTION_KEYS = ("config", "seed")  # rayapp.load_score's own; each scorer adds its registration's options
 MIN_TOKEN_CHARS = 16
 
 
@@ -26,17 +26,20 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     id: str = Field(description="the name requests use and responses report")
-    scorer: str = Field("ImageReward", description="ImageReward, CLIP, BLIP or Aesthetic")
+    scorer: str = Field("ImageReward", description="a name of the scorer registry, any case: "
+                                                   + scorers.describe_names())
     source: str | None = Field(
         None,
         description="ImageReward: hub name (ImageReward-v1.0), ImageReward.pt, save_pretrained dir, or a URI "
         "(hf://owner/repo[/dir], s3://, gs://, file://). Baselines: a save_pretrained dir or URI; "
-        "None = the reference's real weights (see rayapp.eval.baselines).",
+        "None = the published weights (see rayapp.scorers).",
     )
     device: str | None = Field(None, description="overrides the application's device for this model")
     dtype: str | None = Field(None, description="overrides the application's dtype for this model")
-    options: dict = Field(default_factory=dict, description="baselines only: config (tiny), weights, clip_model, "
-                                                            "blip_preset, seed, download_root")
+    options: dict = Field(default_factory=dict, description="rayapp.load_score keywords: config (tiny), seed, and "
+                                                            "the scorer's own (ImageReward: download_root; "
+                                                            "baselines: download_root, weights, clip_model, "
+                                                            "blip_preset)")
 
     @field_validator("id")
     @classmethod
@@ -48,22 +51,15 @@ class ModelSpec(BaseModel):
     @field_validator("scorer")
     @classmethod
     def _known_scorer(cls, value: str) -> str:
-        for kind in SCORER_KINDS:
-            if value.lower() == kind.lower():
-                return kind
-        raise ValueError(f"scorer {value!r} is not one of {list(SCORER_KINDS)}")
+        return scorers.canonical_name(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
-        if self.scorer == "ImageReward":
-            if self.options:
-                raise ValueError(f"model {self.id!r}: options are for the baselines; ImageReward takes only source")
-            if not self.source:
-                self.source = "ImageReward-v1.0"
-        unknown = set(self.options) - BASELINE_OPTION_KEYS
+        allowed = {*COMMON_OPTION_KEYS, *scorers.registration(self.scorer).options}
+        unknown = set(self.options) - allowed
         if unknown:
-            raise ValueError(f"model {self.id!r}: unknown options {sorted(unknown)}; "
-                             f"allowed: {sorted(BASELINE_OPTION_KEYS)}")
+            raise ValueError(f"model {self.id!r}: {self.scorer} takes no options {sorted(unknown)}; "
+                             f"allowed: {sorted(allowed)}")
         return self
 
 

@@ -1,23 +1,22 @@
-"""Scorers inside a model replica: loading (names, paths, URIs), and one batching runner per model."""
+"""Scorers inside a model replica: loading (registry names, paths, URIs), and one batching runner per model.
+
+Names resolve through the one scorer registry (`rayapp.scorers`); URIs are fetched through the one URI cache
+(`rayapp.data.storage.local_path`), so two replicas on a node loading the same model download it once.
+"""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from rayapp.data import storage
 from rayapp.serve.config import CHECKPOINT_ID, ModelSpec
 
 logger = logging.getLogger(__name__)
-
-URI_CACHE_ENV = "RAYAPP_CHECKPOINT_CACHE"  # where URI checkpoints are copied; default ~/.cache/rayapp/checkpoints
-_LOCAL_SCHEMES = ("file://",)
 
 
 class ModelNotFoundError(LookupError):
@@ -34,76 +33,21 @@ def count_images(items: list) -> int:
 
 
 # ------------------------------------------------------------------------------------------- sources
-def is_uri(source: str) -> bool:
-    """scheme://... (hf://, s3://, gs://, file://, ...), as opposed to a hub name or a local path."""
-    return "://" in source and not source.startswith(("http://", "https://"))
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get(URI_CACHE_ENV, "~/.cache/rayapp/checkpoints")).expanduser()
-
-
-def fetch_uri(uri: str) -> Path:
-    """A local copy of the file or directory at `uri`, made once per node (URI-keyed cache)."""
-    if uri.startswith("hf://"):
-        from huggingface_hub import snapshot_download
-
-        owner, repo, *rest = uri[len("hf://"):].split("/", 2)
-        subdir = rest[0].strip("/") if rest else ""
-        local = Path(snapshot_download(repo_id=f"{owner}/{repo}",
-                                       allow_patterns=[f"{subdir}/*"] if subdir else None))
-        return local / subdir if subdir else local
-    import pyarrow.fs as pafs
-
-    filesystem, path = pafs.FileSystem.from_uri(uri)
-    if uri.startswith(_LOCAL_SCHEMES):
-        return Path(path)  # already on this node: nothing to copy
-    target = _cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:24]
-    if (target / ".complete").is_file():
-        return target / Path(path).name
-    info = filesystem.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise ModelNotFoundError(f"{uri} does not exist")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
-    try:
-        pafs.copy_files(path, os.fspath(staging / Path(path).name), source_filesystem=filesystem,
-                        destination_filesystem=pafs.LocalFileSystem())
-        (staging / ".complete").write_text(uri)
-        try:
-            os.replace(staging, target)  # atomic: a concurrent fetch of the same URI keeps its own copy
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target / Path(path).name
-
-
 def load_spec(spec: ModelSpec, device: str | None, dtype: str | None):
-    """The scorer object for a configured model (ImageReward or a baseline), in eval mode."""
-    device = spec.device or device
-    dtype = spec.dtype or dtype
-    source = spec.source
-    if source is not None and is_uri(source):
-        source = os.fspath(fetch_uri(source))
-    if spec.scorer == "ImageReward":
-        import rayapp
+    """The scorer object for a configured model, in eval mode (`rayapp.load_score` fetches URI sources)."""
+    from rayapp.scorers import load_score
 
-        return rayapp.load(source, device=device, dtype=dtype)
-    import rayapp
-
-    options = dict(spec.options)
-    return rayapp.load_score(spec.scorer, source, device=device, dtype=dtype, **options)
+    return load_score(spec.scorer, spec.source, device=spec.device or device, dtype=spec.dtype or dtype,
+                      **spec.options)
 
 
 def resolve_checkpoint(root: str, model_id: str) -> str:
     """The path or URI of user checkpoint `model_id` under `root`; ids never climb out of it."""
     if not CHECKPOINT_ID.match(model_id) or any(part in (".", "..") for part in model_id.split("/")):
         raise ModelNotFoundError(f"{model_id!r} is not a valid checkpoint id (relative path, [A-Za-z0-9._+-] parts)")
-    if is_uri(root) and not root.startswith(_LOCAL_SCHEMES):
-        return root.rstrip("/") + "/" + model_id
-    base = Path(root.removeprefix("file://")).expanduser().resolve()
+    if storage.is_remote(root):
+        return storage.join(root, model_id)
+    base = Path(storage.local_path(root)).resolve()
     path = (base / model_id).resolve()
     # resolve() follows symlinks: a link inside the root that points outside it is refused as well.
     if base != path and base not in path.parents:
@@ -118,7 +62,10 @@ def load_checkpoint(root: str, model_id: str, device: str | None, dtype: str | N
     import rayapp
 
     location = resolve_checkpoint(root, model_id)
-    local = os.fspath(fetch_uri(location)) if is_uri(location) else location
+    try:
+        local = storage.local_path(location)
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"no checkpoint {model_id!r} under the checkpoint root") from None
     try:
         return rayapp.load(local, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:

@@ -28,24 +28,23 @@ class RealWeights:
 
 
 def fetch_weights(source: str, download_root: str | os.PathLike | None = None) -> Path:
-    """A local file for `source`: a path, `hf://owner/repo/file` (huggingface_hub), or an https URL.
+    """A local file for `source`: a path, an http(s) URL, or any URI rayapp.data.storage fetches (hf://, s3://...).
 
-    URLs are downloaded once into `download_root` (default ~/.cache/ImageReward) under their file name,
-    through a temporary file renamed on completion; with HF_HUB_OFFLINE=1 only cached files are used.
+    URLs are downloaded once into `download_root` (default ~/.cache/ImageReward, the reference's layout) under
+    their file name; other URIs go to rayapp's one URI cache. With HF_HUB_OFFLINE=1 nothing is downloaded.
     """
     import urllib.request
 
-    if source.startswith("hf://"):
-        from huggingface_hub import hf_hub_download
+    from rayapp.data import storage
 
-        owner, repo, filename = source[len("hf://"):].split("/", 2)
-        return Path(hf_hub_download(repo_id=f"{owner}/{repo}", filename=filename,
-                                    cache_dir=os.fspath(download_root) if download_root else None))
-    if not source.startswith(("http://", "https://")):
-        path = Path(source).expanduser()
+    kind = storage.scheme(source)
+    if not kind or kind == "file":
+        path = Path(storage.local_path(source))
         if not path.is_file():
             raise FileNotFoundError(f"weights file {source!r} not found")
         return path
+    if kind not in storage.HTTP_SCHEMES:
+        return Path(storage.local_path(source))
     root = Path(download_root or DEFAULT_DOWNLOAD_ROOT).expanduser()
     target = root / urllib.request.url2pathname(source.rsplit("/", 1)[-1])
     if target.is_file():
@@ -54,10 +53,4 @@ def fetch_weights(source: str, download_root: str | os.PathLike | None = None) -
 
     if constants.HF_HUB_OFFLINE:  # one offline switch for every download, the hub's
         raise OSError(f"{target} is not cached and HF_HUB_OFFLINE is set; download {source} there first")
-    root.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
-    with urllib.request.urlopen(source) as response, open(partial, "wb") as out:
-        while chunk := response.read(1 << 20):
-            out.write(chunk)
-    os.replace(partial, target)
-    return target
+    return storage.download_file(source, target)
