@@ -16,8 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 from rayapp.envcheck import require_job_dependencies
 
 require_job_dependencies("jobs/offline_pipeline.py")

@@ -25,8 +25,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 from rayapp.envcheck import require_job_dependencies
 
 require_job_dependencies("jobs/refl.py")
@@ -39,12 +37,13 @@ TRAINED_TINY_RM_DATA = Path("runs/rm/data/train")  # ... and its synthetic train
 
 def absolute_paths(cfg):
     """Local paths made absolute (under `ray job submit` the working directory is a temporary copy)."""
+    from rayapp.data.storage import is_uri
     from rayapp.refl.rewards import absolute_reward_paths
 
     changes = {"output_dir": str(Path(cfg.output_dir).resolve()), "reward": absolute_reward_paths(cfg.reward)}
     for name in ("prompts", "pretrain_data", "resume_from"):
         value = getattr(cfg, name)
-        if value and "://" not in value and Path(value).exists():
+        if value and not is_uri(value) and Path(value).exists():
             changes[name] = str(Path(value).resolve())
     return replace(cfg, **changes)
 

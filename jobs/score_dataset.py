@@ -26,8 +26,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 from rayapp.envcheck import require_job_dependencies
 
 require_job_dependencies("jobs/score_dataset.py")

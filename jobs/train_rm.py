@@ -17,8 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 from rayapp.envcheck import require_job_dependencies
 
 require_job_dependencies("jobs/train_rm.py")
@@ -52,11 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 def report_held_out_accuracy(result) -> None:
     """Pairwise accuracy of the exported model on the data set's test split, if it has one."""
     import rayapp
+    from rayapp.data.storage import is_uri
     from rayapp.rm.evaluation import pairwise_accuracy
     from rayapp.rm.trainer import count_split_pairs
 
     test_dir = f"{result.plan['data_dir'].rstrip('/')}/test"
-    if "://" not in test_dir and not Path(test_dir).is_dir():
+    if not is_uri(test_dir) and not Path(test_dir).is_dir():
         return
     tokenizer = result.plan["tokenizer"]
     # Small splits are quicker to decode here than to start Ray Data actors for.
