@@ -33,17 +33,17 @@ def trained(ray_cluster, synth_dir, tmp_path_factory):
     from faults import KillWorkerOnce, StepLog
 
     from rayapp.rm import RMTrainConfig, train_reward_model
-    from rayapp.rm.trainer import prepare
+    from rayapp.rm.driver import count_split_pairs, make_schedule
 
     out = tmp_path_factory.mktemp("train_run")
     config = RMTrainConfig.from_preset("offline", data_dir=str(synth_dir), output_dir=str(out), num_workers=2,
                                        max_failures=2)
-    fail_at = prepare(config)[3]["steps_per_epoch"] + FAIL_AFTER_EPOCH_1
+    fail_at = make_schedule(config, count_split_pairs(synth_dir / "train")).steps_per_epoch + FAIL_AFTER_EPOCH_1
     step_log = StepLog(out / "steps.log")
     started = time.time()
     result = train_reward_model(config, callbacks=[KillWorkerOnce(fail_at, out / "killed.marker"), step_log])
     result.wall_s = time.time() - started
-    print(f"shared training run: {result.wall_s:.0f} s, plan {result.plan}")
+    print(f"shared training run: {result.wall_s:.0f} s, schedule {result.schedule}")
     result.fail_at_step = fail_at
     result.step_log = step_log
     return result, out
@@ -65,7 +65,7 @@ def test_learns_held_out_pairs_and_reads_the_caption(trained, synth_dir):
 def test_killed_worker_resumes_without_losing_or_repeating_updates(trained):
     """Rank 1 hard-exits mid epoch 2; the run restarts from the epoch-1 checkpoint and finishes the plan."""
     result, _ = trained
-    total, per_epoch, fail_at = result.plan["total_steps"], result.plan["steps_per_epoch"], result.fail_at_step
+    total, per_epoch, fail_at = result.schedule.total_steps, result.schedule.steps_per_epoch, result.fail_at_step
     assert total > fail_at > per_epoch
     state = json.loads((Path(result.checkpoint_path) / "trainer_state.json").read_text())
     # The model's update history: every planned update exactly once, in order.
@@ -146,7 +146,8 @@ def test_cluster_yaml_matches_rays_cluster_schema():
 
 
 def _help(job: str) -> str:
-    proc = subprocess.run([sys.executable, job, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run([sys.executable, job, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -217,7 +218,8 @@ def test_gpu_request_on_a_cpu_cluster_fails_fast(ray_cluster, tmp_path):
     env = dict(ray_cluster.env)
     started = time.time()
     proc = subprocess.run([sys.executable, "jobs/train_rm.py", "--preset", "imagereward-v1", "--output-dir",
-                           str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+                           str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, log[-3000:]
     assert "jobs/train_rm.py" in log and "'GPU': 1.0" in log and "no GPU" in log, log[-3000:]
@@ -242,7 +244,7 @@ def test_init_geometry_is_read_without_loading_the_model(tiny_rm_dir, tmp_path, 
     (or, for an official file, its tensor shapes), not from the preset the init replaces."""
     import rayapp
     from rayapp.rm import RMTrainConfig
-    from rayapp.rm.trainer import model_geometry
+    from rayapp.rm.driver import model_geometry
 
     init = tiny_rm_dir
     if form == "official":

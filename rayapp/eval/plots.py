@@ -1,10 +1,11 @@
-"""Benchmark figures (matplotlib, headless): one panel per scorer, written as PNG."""
+"""Figures (matplotlib, headless), written as PNG: the benchmarks' panels per scorer, and the helpers every
+plot of the package uses."""
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
@@ -14,17 +15,19 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> None:
+def save_png(fig, path: str | Path) -> Path:
     """Write the figure as PNG (creating the folder) and free it."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
+    return path
 
 
 def plot_best_vs_worst(records: list[dict], scores: dict[str, list[list[float]]], path: str | Path) -> None:
     """Table 3: per scorer, histograms of the scores of each prompt's human-best and human-worst images."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(scores), figsize=(4.5 * len(scores), 3.5), squeeze=False)
     for ax, (label, per_record) in zip(axes[0], scores.items()):
         best, worst = [], []
@@ -38,12 +41,12 @@ def plot_best_vs_worst(records: list[dict], scores: dict[str, list[list[float]]]
         ax.set_title(label)
         ax.set_xlabel("score")
         ax.legend()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_distributions(scores: dict[str, dict[str, dict[str, list[float]]]], path: str | Path) -> None:
     """Table 1: violins of each generator's image scores (scores[label][generator][prompt id]), a panel per scorer."""
-    plt = _pyplot()
+    plt = pyplot()
     flat = {label: {model: [s for values in per_prompt.values() for s in values]
                     for model, per_prompt in per_model.items()}
             for label, per_model in scores.items()}
@@ -55,4 +58,4 @@ def plot_distributions(scores: dict[str, dict[str, dict[str, list[float]]]], pat
         ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right")
         ax.set_ylabel(f"{label} score")
         ax.set_title(f"{label} score per generator")
-    _save(fig, path)
+    save_png(fig, path)

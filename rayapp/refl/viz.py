@@ -51,11 +51,9 @@ def png_bytes(img) -> bytes:
 def reward_curve(history: Sequence[dict], path: str | os.PathLike, *, key: str = "eval_reward",
                  title: str = "ReFL: mean reward on held-out prompts") -> Path:
     """Plot `key` (and eval_reward_tensor if present) against "step" from eval records; save a PNG."""
-    import matplotlib
+    from rayapp.eval.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     points = [(h["step"], h[key]) for h in history if key in h]
     if not points:
         raise ValueError(f"no {key!r} in the history")
@@ -70,9 +68,4 @@ def reward_curve(history: Sequence[dict], path: str | os.PathLike, *, key: str =
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -8,11 +8,9 @@ from pathlib import Path
 
 def loss_accuracy_curve(reports: Sequence[dict], path: str | os.PathLike) -> Path:
     """Train / validation loss (left) and validation pairwise accuracy (right) against the update; a PNG."""
-    import matplotlib
+    from rayapp.eval.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     def series(key: str) -> tuple[list[int], list[float]]:
         points = [(r["step"], r[key]) for r in reports if key in r]
         return [p[0] for p in points], [p[1] for p in points]
@@ -38,9 +36,4 @@ def loss_accuracy_curve(reports: Sequence[dict], path: str | os.PathLike) -> Pat
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

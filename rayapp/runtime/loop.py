@@ -303,13 +303,13 @@ class Loop:
             if not (do_eval or do_checkpoint or do_log):
                 continue
             metrics = {**window.reduce(self.worker.device), **self.timing(window)}
-            window = Window()
             if do_eval:
                 metrics.update(self.evaluate(done))
             if is_last:
                 pending = metrics  # reported once, with the final checkpoint
             else:
                 self.report(metrics, step=done, checkpoint=do_checkpoint)
+            window = Window()  # after evaluation and checkpoint: throughput counts training time only
         self.finish(pending)
 
     def timing(self, window: Window) -> dict:
