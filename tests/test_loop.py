@@ -94,3 +94,22 @@ def test_a_run_is_tracked_and_resuming_it_after_the_end_trains_nothing(ray_clust
     assert checkpoint_again == checkpoint  # Ray Train's result is the same final checkpoint
     assert again.metrics["finished"] is True and again.metrics["step"] == 2
     assert len(client.search_runs([experiment.experiment_id])) == 1  # the tracker resumed its run
+
+
+def test_a_failed_fit_becomes_our_error_naming_the_job_rank_and_cause():
+    """Ray Train's WorkerGroupError (what fit raises once restarts are used up) becomes TrainingFailed with the
+    job, the run, the failing rank and the worker's own exception."""
+    from ray.train import WorkerGroupError
+
+    from rayapp.refl.driver import ReFLJob
+    from rayapp.rm.config import RMTrainConfig
+    from rayapp.rm.driver import RMJob
+    from rayapp.runtime.driver import TrainingFailed, training_failed
+
+    config = RMTrainConfig.from_preset("offline", run_name="broken", max_failures=2)
+    cause = ValueError("a prompt file has no 'text' field\nsecond line")
+    error = training_failed(RMJob(), config, WorkerGroupError("worker group failed", {1: cause, 0: cause}))
+    assert isinstance(error, TrainingFailed)
+    assert str(error) == ("jobs/train_rm.py: run broken failed on rank 0 after up to 2 worker-group restarts: "
+                          "ValueError: a prompt file has no 'text' field / second line")
+    assert ReFLJob.script in str(training_failed(ReFLJob(), config, RuntimeError("controller died")))

@@ -135,7 +135,7 @@ def training_failed(job: TrainingJob, config: TrainingConfig, error: BaseExcepti
     else:
         where = "the train controller"
     cause = getattr(cause, "cause", None) or cause  # a RayTaskError carries the worker's own exception
-    message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+    message = " / ".join(line.strip() for line in str(cause).strip().splitlines()) or type(cause).__name__
     return TrainingFailed(f"{job.script}: run {config.run_name} failed on {where} after up to "
                           f"{config.max_failures} worker-group restarts: {type(cause).__name__}: {message}")
 
