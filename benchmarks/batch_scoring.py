@@ -5,11 +5,13 @@
 
 Both sides do the same work per image: decode PNG bytes -> preprocess_pil -> model.score_batch, with the
 same batch size, and the loop runs with as many torch threads as one actor gets (`--loop-threads`; on a
-shared, oversubscribed CPU a multi-threaded loop can be several times slower). The reward model has random weights of the preset's shape (the full preset is the real
-ViT-L/16 + BERT-base architecture); throughput does not depend on the weights. The Ray figures include
+shared, oversubscribed CPU a multi-threaded loop can be several times slower). The reward model has random
+weights of the preset's shape (the full preset is the real ViT-L/16 + BERT-base architecture); throughput does
+not depend on the weights. The Ray figures include
 actor start-up and model loading (what a user waits for); the loop's include model loading too; "steady"
 (loop only) excludes its model load. For Ray the time to the first written block is shown; a per-block
-rate from the driver's side is not reported because Ray Data hands finished blocks to the driver in bursts. Figures are printed, never asserted.
+rate from the driver's side is not reported because Ray Data hands finished blocks to the driver in bursts.
+Figures are printed, never asserted.
 """
 from __future__ import annotations
 

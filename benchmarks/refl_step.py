@@ -109,7 +109,8 @@ def run_case(label: str, parts, rm, cfg, device, steps: int, batch: int, memory)
         print(f"{label} {cfg.objective:9s} {'LoRA 4' if cfg.lora_rank else 'full':6s}"
               f"{' +gc' if cfg.gradient_checkpointing else '    '} batch={batch} {cfg.num_inference_steps} steps: "
               f"{statistics.median(times[1:] or times):.3f} s/update, peak {memory.peak():s}, gradient through "
-              f"{statistics.mean(ks):.1f} UNet call(s) per sample ({sum(p.numel() for p in params) / 1e6:.3f}M trainable)", flush=True)
+              f"{statistics.mean(ks):.1f} UNet call(s) per sample "
+              f"({sum(p.numel() for p in params) / 1e6:.3f}M trainable)", flush=True)
     except torch.cuda.OutOfMemoryError:
         print(f"{label} {cfg.objective:9s} {'LoRA 4' if cfg.lora_rank else 'full':6s} batch={batch}: out of memory",
               flush=True)
@@ -238,8 +239,8 @@ def gpu_mode(steps: int, batch: int, inference_steps: int, families: list[str], 
     device = torch.device("cpu" if mini_cpu else "cuda")
     memory = Memory(device)
     frozen = torch.float32 if mini_cpu else torch.bfloat16
-    rm = rayapp.create_model("tiny" if mini_cpu else "imagereward-v1", tokenizer=build_wordpiece_tokenizer(vocabulary()),
-                             seed=0)
+    rm = rayapp.create_model("tiny" if mini_cpu else "imagereward-v1",
+                             tokenizer=build_wordpiece_tokenizer(vocabulary()), seed=0)
     rm.to(device).set_dtype(None if mini_cpu else torch.bfloat16)
     rm.eval().requires_grad_(False)
     base = ReFLConfig(num_inference_steps=inference_steps, grad_step_min=max(0, inference_steps - 10),

@@ -3,8 +3,9 @@
     python benchmarks/serve_load.py                         # full-size ImageReward (random weights), bf16, CPU,
                                                             # 1 replica, 32 clients: a few minutes on 2 cores
     python benchmarks/serve_load.py --preset tiny --requests 960 --library-images 960   # the serving stack alone
-    python benchmarks/serve_load.py --device cuda --num-gpus 1 --max-batch-size 64 --requests 2048 --library-images 2048
-    python benchmarks/serve_load.py --route score            # base64 JSON /v1/score instead of raw-bytes /v1/score_batch
+    python benchmarks/serve_load.py --device cuda --num-gpus 1 --max-batch-size 64 --requests 2048 \
+        --library-images 2048
+    python benchmarks/serve_load.py --route score    # base64 JSON /v1/score instead of raw-bytes /v1/score_batch
 
 Same model, same images, same machine, in alternating rounds (so a change in machine load hits both sides):
   library  `model.score(prompt, png_bytes, batch_size=B)` (decode + preprocess + forward) in a Ray actor with the
@@ -131,7 +132,8 @@ async def run_load(url: str, clients: int, requests: int, images: list[bytes], p
     ok = len(lat)
     return {
         "img_s": ok * per_request / elapsed, "req_s": ok / elapsed, "seconds": elapsed, "errors": errors,
-        "p50_s": lat[ok // 2] if ok else float("nan"), "p99_s": lat[min(ok - 1, int(ok * 0.99))] if ok else float("nan"),
+        "p50_s": lat[ok // 2] if ok else float("nan"),
+        "p99_s": lat[min(ok - 1, int(ok * 0.99))] if ok else float("nan"),
         "mean_batch": statistics.fmean(batch_sizes) if batch_sizes else float("nan"),
     }
 
@@ -192,8 +194,8 @@ def main() -> None:
         app_args = AppArgs(
             model=model, name="bench", device=args.device, dtype=args.dtype, num_threads=args.num_threads,
             max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
-            limits={"max_images": max(32, args.images_per_request), "max_batch_pairs": max(256, args.images_per_request),
-                    "max_request_bytes": 1 << 30},
+            limits={"max_images": max(32, args.images_per_request),
+                    "max_batch_pairs": max(256, args.images_per_request), "max_request_bytes": 1 << 30},
             scorer_options={"num_replicas": 1, "max_ongoing_requests": 4 * args.clients,
                             "ray_actor_options": {"num_cpus": 1, "num_gpus": args.num_gpus}},
             api_options={"num_replicas": 1, "max_ongoing_requests": 4 * args.clients},

@@ -121,10 +121,9 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A small WordPiece vocabulary written to disk, as tests build for the tiny preset."""
-    from rayapp.model.tokenizer import build_wordpiece_tokenizer
-
     from rayapp.data.synth import vocabulary
     from rayapp.diffusion.tiny import EXAMPLE_PROMPT_WORDS
+    from rayapp.model.tokenizer import build_wordpiece_tokenizer
 
     words = [*vocabulary(), *EXAMPLE_PROMPT_WORDS]
     out = tmp_path_factory.mktemp("tiny_tokenizer")

@@ -81,7 +81,8 @@ def sweep_stale_namespaces(prefix: str) -> None:
 
 
 def _subnet_in_use(subnet: str) -> bool:
-    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=10, check=False).stdout
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=10,
+                         check=False).stdout
     return f" {subnet}." in out
 
 

@@ -115,7 +115,8 @@ def test_rayjob_entrypoints_name_real_scripts_and_flags(name, script, config):
     assert argv[0] == "python" and argv[1] == f"/home/ray/rayapp/{script}"
     assert (REPO_ROOT / script).is_file()
     module, cls = config.split(":")
-    fields = {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+    config_class = getattr(importlib.import_module(module), cls)
+    fields = {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(config_class)}
     flags = {arg for arg in argv[2:] if arg.startswith("--")}
     assert flags <= fields | {"--preset", "--config"}, flags - fields
     presets = {p.stem for p in (REPO_ROOT / "rayapp" / module.split(".")[1] / "presets").glob("*.json")}
@@ -127,7 +128,8 @@ def test_rayjob_entrypoints_name_real_scripts_and_flags(name, script, config):
 
 def test_cluster_yaml_installs_with_constraints():
     config = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
-    commands = config["setup_commands"] + config.get("head_setup_commands", []) + config.get("worker_setup_commands", [])
+    commands = (config["setup_commands"] + config.get("head_setup_commands", [])
+                + config.get("worker_setup_commands", []))
     installs = [c for c in commands if "pip install" in c and "--upgrade pip" not in c]
     assert installs and all("-c constraints.txt" in c and c.startswith("cd ~/rayapp") for c in installs), installs
     assert any('-e ".[ray]"' in c for c in installs)

@@ -43,7 +43,8 @@ def test_accuracy_matches_reference_definition_on_fixture():
     records = []
     for _ in range(30):
         n = rng.randint(2, 7)
-        records.append(([rng.randint(1, 4) for _ in range(n)], [rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(n)]))
+        records.append(([rng.randint(1, 4) for _ in range(n)],
+                        [rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(n)]))
     total = true = 0
     for ranks, scores in records:
         for i in range(len(ranks)):
@@ -232,7 +233,8 @@ def test_baselines_real_loading_paths_offline(tmp_path):
     state["text_encoder_m.embeddings.word_embeddings.weight"] = torch.zeros(3, 3)
     torch.save({"model": state}, tmp_path / "model_large.pth")
     tiny.tokenizer.save_pretrained(tmp_path / "bert")
-    blip = load_score("BLIP", weights=str(tmp_path / "model_large.pth"), tokenizer=tmp_path / "bert", blip_preset="tiny")
+    blip = load_score("BLIP", weights=str(tmp_path / "model_large.pth"), tokenizer=tmp_path / "bert",
+                      blip_preset="tiny")
     assert blip.score("a red circle", pil) == pytest.approx(tiny.score("a red circle", pil), abs=1e-6)
     # Aesthetic: CLIPVisionModelWithProjection dir + the predictor's state dict (layers.{0,2,4,6,7})
     aes = load_score("Aesthetic", config="tiny", seed=2)
@@ -351,7 +353,8 @@ def test_table3_cli_end_to_end_on_synthetic_set(synth, tiny_rm_dir, tmp_path, ca
     rf = M.recall_filter_at_k(expected)
     got = report["results"]["ImageReward"]
     assert got["accuracy"]["pairs"] == acc.pairs > 0
-    assert got["accuracy"]["micro"] == pytest.approx(acc.micro) and got["accuracy"]["per_prompt"] == pytest.approx(acc.per_prompt)
+    assert got["accuracy"]["micro"] == pytest.approx(acc.micro)
+    assert got["accuracy"]["per_prompt"] == pytest.approx(acc.per_prompt)
     assert got["recall_filter"]["recall"]["2"] == pytest.approx(rf.recall[2])
     assert got["published"]["accuracy"] == 65.14
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -377,8 +380,9 @@ def test_table1_cli_end_to_end(synth, tiny_rm_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"id": r["id"], "prompt": r["prompt"]} for r in records]))
     out, plot = tmp_path / "t1.json", tmp_path / "t1.png"
-    rc = main(["eval", "table1", "--prompts", str(prompts), "--generations-root", str(root), "--scorer", str(tiny_rm_dir),
-               "--human-ranking", "best,all,worst", "--out", str(out), "--plot", str(plot), "--quiet"])
+    rc = main(["eval", "table1", "--prompts", str(prompts), "--generations-root", str(root),
+               "--scorer", str(tiny_rm_dir), "--human-ranking", "best,all,worst", "--out", str(out),
+               "--plot", str(plot), "--quiet"])
     printed = capsys.readouterr().out
     assert rc == 0 and "| best |" in printed and "Spearman rho (ImageReward vs human ranking, 3 models)" in printed
     res = json.loads(out.read_text())["results"]["ImageReward"]
@@ -439,7 +443,8 @@ def test_cli_modules_import_light():
     code = ("import sys, rayapp.eval.cli, rayapp.eval.generate; "
             "heavy = [m for m in ('torch', 'ray', 'diffusers', 'transformers', 'matplotlib') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -478,6 +483,7 @@ def test_folder_input_planning_and_actor_in_process(synth, tiny_rm_dir, tmp_path
     for n in range(2, len(record["images"]) + 1):
         row = rows[f"prompts.csv:{n}"]
         assert row["note"] == f"n{n - 1}" and row["score_error"] is None
-        assert row["score_ImageReward"] == pytest.approx(model.score(record["prompt"], record["images"][n - 1]), abs=1e-5)
+        expected = model.score(record["prompt"], record["images"][n - 1])
+        assert row["score_ImageReward"] == pytest.approx(expected, abs=1e-5)
     gone = rows[f"prompts.csv:{len(record['images']) + 1}"]
     assert math.isnan(gone["score_ImageReward"]) and "no such file" in gone["score_error"]

@@ -30,8 +30,8 @@ def test_generate_tiny_sdxl_in_process(tiny_rm_dir, tmp_path, capsys):
     scores = [read_score(f) for f in files]
     assert scores == sorted(scores, reverse=True)
     text = Image.open(files[0]).text
-    assert text["parameters"].startswith("a red circle\nNegative prompt: blue\nSteps: 2, Sampler: EulerDiscreteScheduler, "
-                                         "CFG scale: 3, Seed: ")
+    assert text["parameters"].startswith("a red circle\nNegative prompt: blue\n"
+                                         "Steps: 2, Sampler: EulerDiscreteScheduler, CFG scale: 3, Seed: ")
     assert "Size: 64x64" in text["parameters"]
     assert rayapp.load(tiny_rm_dir).score("a red circle", [str(f) for f in files]) == pytest.approx(scores, abs=6e-5)
     manifest = json.loads((out / "generate.json").read_text())

@@ -29,7 +29,8 @@ from rayapp.model.scoring import rank_from_scores
 from rayapp.model.tokenizer import load_tokenizer
 
 PROMPT = "two red circles on a blue background"
-OFFICIAL_TSV = Path(__file__).resolve().parent / "data" / "imagereward_v1_state_dict.tsv"  # every official key, shape, dtype
+# every official key, shape, dtype
+OFFICIAL_TSV = Path(__file__).resolve().parent / "data" / "imagereward_v1_state_dict.tsv"
 
 
 def random_image(seed: int, size=(80, 64), mode="RGB") -> Image.Image:
@@ -83,7 +84,8 @@ def test_head_init_is_not_constant(tiny_model, images):
 
 
 def test_import_rayapp_is_light():
-    code = "import sys, rayapp; heavy = [m for m in ('torch', 'ray', 'transformers', 'deepspeed') if m in sys.modules]; print(heavy)"
+    code = ("import sys, rayapp; "
+            "heavy = [m for m in ('torch', 'ray', 'transformers', 'deepspeed') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -342,7 +344,8 @@ def test_freeze_fix_rate_follows_spec(tiny_tokenizer_dir):
                                 vision_intermediate_size=64, text_hidden_size=64, text_num_heads=2,
                                 text_intermediate_size=64, vocab_size=512, image_size=32, patch_size=16)
     model.freeze_fix_rate(0.7)
-    trainable = {n.split(".")[0] + "." + ".".join(n.split(".")[1:4]) for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n.split(".")[0] + "." + ".".join(n.split(".")[1:4])
+                 for n, p in model.named_parameters() if p.requires_grad}
     assert not any(n.startswith("vision.embeddings") or n.startswith("text.embeddings") for n in trainable)
     assert "vision.encoder.layers.15" not in trainable and "vision.encoder.layers.16" in trainable
     assert "text.encoder.layer.7" not in trainable and "text.encoder.layer.8" in trainable

@@ -145,7 +145,8 @@ def test_sdxl_parts_conditioning_and_fp32_vae():
     negative = sdxl.encode_negative(2, CPU)
     assert not negative.encoder_hidden_states.any() and not negative.added_cond_kwargs["text_embeds"].any()
     sd = load_diffusion_parts("tiny", device=CPU, frozen_dtype=torch.float16)
-    assert sd.family.name == "sd" and sd.vae.dtype == torch.float16 and not sd.encode_prompts(PROMPTS, CPU).added_cond_kwargs
+    assert sd.family.name == "sd" and sd.vae.dtype == torch.float16
+    assert not sd.encode_prompts(PROMPTS, CPU).added_cond_kwargs
     bigger = load_diffusion_parts("tiny-sdxl", device=CPU, frozen_dtype=torch.float32, resolution=96)
     assert bigger.latent_size == 24 and bigger.encode_prompts(["a"], CPU).added_cond_kwargs["time_ids"][0, 0] == 96
     with pytest.raises(ValueError, match="multiple of its VAE factor 4"):
@@ -163,8 +164,10 @@ def test_reward_specs_and_every_scorer_carries_a_gradient():
         parse_reward,
     )
 
-    assert parse_reward("imagereward:1.0,aesthetic:0.1") == [RewardTerm("imagereward", 1.0), RewardTerm("aesthetic", 0.1)]
-    assert parse_reward("aesthetic:tiny:0.5,CLIP:tiny") == [RewardTerm("aesthetic:tiny", 0.5), RewardTerm("CLIP:tiny", 1.0)]
+    assert parse_reward("imagereward:1.0,aesthetic:0.1") == [RewardTerm("imagereward", 1.0),
+                                                              RewardTerm("aesthetic", 0.1)]
+    assert parse_reward("aesthetic:tiny:0.5,CLIP:tiny") == [RewardTerm("aesthetic:tiny", 0.5),
+                                                             RewardTerm("CLIP:tiny", 1.0)]
     assert parse_reward(None) == [RewardTerm("tiny", 1.0)]
     with pytest.raises(ValueError, match="empty term"):
         parse_reward("imagereward:1.0,")

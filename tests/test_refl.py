@@ -50,9 +50,10 @@ def test_tiny_pipeline_roundtrip(tmp_path):
 
 def test_preprocessing_gap_measured():
     """Tensor (gradient) vs PIL (scoring) preprocessing: measured, small, and not zero where resizing."""
+    from preprocess_probe import preprocessing_gap, smooth_test_images
+
     import rayapp
     from rayapp.model.tokenizer import build_wordpiece_tokenizer
-    from preprocess_probe import preprocessing_gap, smooth_test_images
 
     model = rayapp.create_model("tiny", tokenizer=build_wordpiece_tokenizer("one red circle".split()), seed=0).eval()
     same_size = preprocessing_gap(smooth_test_images(4, 64, 64), 64, model, "one red circle")

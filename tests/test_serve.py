@@ -64,8 +64,8 @@ def test_config_is_valid(name):
     args = AppArgs.model_validate(app.args)  # unknown keys (typos) are errors
     assert {d.name for d in app.deployments} == {"RewardScorer", "RewardAPI"}
     scorer = next(d for d in app.deployments if d.name == "RewardScorer")
-    assert {"max_batch_size", "batch_wait_timeout_s"} <= set(scorer.user_config) <= {"max_batch_size",
-                                                                                        "batch_wait_timeout_s", "models"}
+    assert ({"max_batch_size", "batch_wait_timeout_s"} <= set(scorer.user_config)
+            <= {"max_batch_size", "batch_wait_timeout_s", "models"})
     assert set(scorer.user_config.get("models", {})) <= {spec.id for spec in args.model_specs()}
     if name == "rm_cpu_local.yaml":
         assert args.device == "cpu" and args.auth is None and config.http_options.host == "127.0.0.1"
@@ -306,7 +306,10 @@ def png_header_only(width: int, height: int) -> bytes:
 def _bad_cases(url: str) -> dict:
     """name -> (callable sending the request, expected status, text the message must name)."""
     good = b64(png_bytes(2))
-    post = lambda body, **kw: requests.post(f"{url}/v1/score", json=body, timeout=60, **kw)
+
+    def post(body, **kw):
+        return requests.post(f"{url}/v1/score", json=body, timeout=60, **kw)
+
     big_noise = np.random.default_rng(0).integers(0, 256, 1_200_000, dtype=np.uint8).tobytes()
     return {
         "non_image_bytes": (lambda: post({"prompt": "a cat", "images": [good, b64(b"this is not an image at all")]}),
@@ -394,7 +397,8 @@ def _scorer_pids(cluster) -> set[int]:
     from ray.util.state import list_actors
 
     # An explicit address: other Ray clusters may run on this machine.
-    actors = list_actors(address=cluster.dashboard_url, filters=[("class_name", "=", "ServeReplica:rm:RewardScorer"), ("state", "=", "ALIVE")])
+    actors = list_actors(address=cluster.dashboard_url,
+                         filters=[("class_name", "=", "ServeReplica:rm:RewardScorer"), ("state", "=", "ALIVE")])
     return {a.pid for a in actors}
 
 
@@ -458,8 +462,8 @@ def test_killed_replica_is_replaced(serve_app, ray_cluster):
     with LoopbackLoad(serve_app.url, clients=4, max_requests=2000) as load:
         time.sleep(1.0)
         os.kill(victim, signal.SIGKILL)
-        replaced = wait_for(lambda: victim not in _scorer_pids(ray_cluster) and len(_scorer_pids(ray_cluster) - before) >= 1
-                            and _scorer_replicas() >= 1, timeout=90)
+        replaced = wait_for(lambda: victim not in _scorer_pids(ray_cluster)
+                            and len(_scorer_pids(ray_cluster) - before) >= 1 and _scorer_replicas() >= 1, timeout=90)
     assert replaced, f"replica {victim} was not replaced; alive: {_scorer_pids(ray_cluster)}"
     assert load.statuses.count(200) > 0
     for i in range(5):

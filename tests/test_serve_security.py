@@ -54,7 +54,8 @@ def test_token_required_on_v1_routes_but_not_healthz(secure_url):
                           "longer": auth(TOKEN + "x"), "basic": {"Authorization": f"Basic {TOKEN}"}}.items():
         for resp in (requests.post(f"{secure_url}/v1/score", json=body, headers=headers, timeout=30),
                      requests.get(f"{secure_url}/v1/models", headers=headers, timeout=30),
-                     requests.post(f"{secure_url}/v1/score_batch", headers={**headers, "Content-Type": wire.CONTENT_TYPE},
+                     requests.post(f"{secure_url}/v1/score_batch",
+                                   headers={**headers, "Content-Type": wire.CONTENT_TYPE},
                                    data=wire.encode_pairs(["a"], [png_bytes(1)]), timeout=30)):
             assert resp.status_code == 401, f"{name}: {resp.status_code} {resp.text}"
             assert resp.headers["www-authenticate"].startswith("Bearer")
@@ -79,7 +80,8 @@ def test_clients_send_the_token(secure_url):
 
 
 def test_cors_allow_list(secure_url):
-    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
     allowed = requests.options(f"{secure_url}/v1/score", headers={"Origin": ALLOWED_ORIGIN, **preflight}, timeout=30)
     assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == ALLOWED_ORIGIN

@@ -102,7 +102,13 @@ def synthetic_bert_vocab() -> list[str]:
     chars = "abcdefghijklmnopqrstuvwxyz0123456789"
     punct = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~\u2014"
     pieces += list(punct) + list(chars) + ["##" + c for c in chars]
-    words = ["a", "an", "the", "of", "on", "at", "by", "and", "in", "it", "is", "to", "two", "three", "green", "red", "pears", "apples", "wooden", "table", "studio", "photo", "f", "highly", "detailed", "digital", "painting", "medieval", "castle", "cliff", "above", "stormy", "sea", "sunset", "dramatic", "lighting", "clouds", "trending", "art", "station", "greg", "alphonse", "resolution", "ultra", "realistic", "cinematic", "composition", "night", "cafe", "creme", "brulee", "naive", "facade", "zurich", "cat", "sitting", "mat", "don", "t", "over", "think", "artist", "s", "self", "portrait", "pre", "horse", "moon", "riding", "dog", "unbelievably", "real", "8k", "1900s"]
+    words = ["a", "an", "the", "of", "on", "at", "by", "and", "in", "it", "is", "to", "two", "three", "green", "red",
+             "pears", "apples", "wooden", "table", "studio", "photo", "f", "highly", "detailed", "digital", "painting",
+             "medieval", "castle", "cliff", "above", "stormy", "sea", "sunset", "dramatic", "lighting", "clouds",
+             "trending", "art", "station", "greg", "alphonse", "resolution", "ultra", "realistic", "cinematic",
+             "composition", "night", "cafe", "creme", "brulee", "naive", "facade", "zurich", "cat", "sitting", "mat",
+             "don", "t", "over", "think", "artist", "s", "self", "portrait", "pre", "horse", "moon", "riding", "dog",
+             "unbelievably", "real", "8k", "1900s"]
     subwords = ["astro", "##naut", "##graph", "##istic", "##s", "##ing", "rut", "##kowski", "mu", "##cha",
                 "volume", "##tric", "##ic", "##ly", "##al", "super", "##cal", "##i", "##fra", "##gil",
                 "##ex", "##pi", "##do", "##ous", "東", "京", "タ", "##ワ"]  # "##ー" absent: タワー -> [UNK]
@@ -212,7 +218,7 @@ def perturb_(model, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     stats = {"parameters": 0, "tensors": 0}
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             scale = 0.1 if param.ndim == 1 else 0.02
             param.add_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * scale)
             stats["parameters"] += param.numel()
@@ -408,9 +414,10 @@ def phase_reference(workdir: Path, tol: float, e2e_prompts: list[int] | None = N
                     "ours_versions": {"torch": ours["torch"], "transformers": ours["transformers"]},
                     "keys_missing_in_checkpoint": missing, "keys_unexpected_in_checkpoint": unexpected,
                     "keys_shape_mismatch": mismatched,
-                    "med_config_rayapp_block": {"present_in_file": "rayapp" in med,
-                                                "reference_config_attribute": rayapp_block_attr is not None,
-                                                "reference_encoder_width": model.blip.text_encoder.config.encoder_width}}
+                    "med_config_rayapp_block": {
+                        "present_in_file": "rayapp" in med,
+                        "reference_config_attribute": rayapp_block_attr is not None,
+                        "reference_encoder_width": model.blip.text_encoder.config.encoder_width}}
 
     # Tokenisation.
     prompts, images = ours["prompts"], ours["images"]
@@ -448,7 +455,8 @@ def phase_reference(workdir: Path, tol: float, e2e_prompts: list[int] | None = N
     report["vision_on_our_pixels_max_abs_diff"] = float((ref_vision_on_ours - ours_t["vision"]).abs().max())
     report["vision_abs_max"] = float(ours_t["vision"].abs().max())
     print(f"pixels max |diff| {float(pix_diff.max()):.3g}; ViT output max |diff| {report['vision_max_abs_diff']:.3g} "
-          f"(|x| up to {report['vision_abs_max']:.3g}); on our pixels {report['vision_on_our_pixels_max_abs_diff']:.3g} "
+          f"(|x| up to {report['vision_abs_max']:.3g}); "
+          f"on our pixels {report['vision_on_our_pixels_max_abs_diff']:.3g} "
           f"({time.time() - t0:.0f}s)", flush=True)
 
     # Text [CLS] features and raw head output on identical inputs (our ids, our ViT output).
@@ -468,7 +476,7 @@ def phase_reference(workdir: Path, tol: float, e2e_prompts: list[int] | None = N
         # Reference scores composed from its own stages (its ids, its pixels, its ViT, text encoder, head and
         # normalisation): the same arithmetic as its score(), without re-running the ViT for every prompt.
         composed = []
-        for p, prompt in enumerate(prompts):
+        for prompt in prompts:
             enc = tok(prompt, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
             n = len(paths)
             out = model.blip.text_encoder(enc.input_ids.expand(n, -1), attention_mask=enc.attention_mask.expand(n, -1),
@@ -484,7 +492,8 @@ def phase_reference(workdir: Path, tol: float, e2e_prompts: list[int] | None = N
     # The end-to-end scores through the reference's own score().
     composed_diffs = [abs(a - b) for r, o in zip(composed, ours["scores"]) for a, b in zip(r, o)]
     report["composed_scores_max_abs_diff"] = max(composed_diffs)
-    print(f"reference stages composed, all {len(composed_diffs)} pairs: max |diff| {max(composed_diffs):.3g}", flush=True)
+    print(f"reference stages composed, all {len(composed_diffs)} pairs: max |diff| {max(composed_diffs):.3g}",
+          flush=True)
     ref_scores = []
     e2e = range(len(prompts)) if e2e_prompts is None else e2e_prompts
     for i in e2e:
@@ -523,7 +532,8 @@ def phase_reference(workdir: Path, tol: float, e2e_prompts: list[int] | None = N
           f"score range (ours) {min(all_ours):.4f} .. {max(all_ours):.4f}")
     print(f"token ids identical: {not token_report}")
     for item in token_report:
-        print(f"  prompt {item['prompt']} {item['text']!r}: differing positions {item['positions (pos, ref id, our id)']}")
+        positions = item["positions (pos, ref id, our id)"]
+        print(f"  prompt {item['prompt']} {item['text']!r}: differing positions {positions}")
         print(f"    reference: {item['reference_tokens']}")
         print(f"    ours:      {item['our_tokens']}")
     print(f"pixels max |diff| {float(pix_diff.max()):.3g}; ViT {report['vision_max_abs_diff']:.3g}; "

@@ -200,7 +200,8 @@ def group_candidate(prompt_id: str, items: list[tuple[dict, PartReader]], pool: 
         return Candidate(prompt_id, reason="its records disagree on the prompt")
     totals = {record.get("image_amount_in_total") for record, _ in items}
     if len(totals) != 1:
-        return Candidate(prompt_id, reason=f"its records disagree on image_amount_in_total ({sorted(map(str, totals))})")
+        return Candidate(prompt_id,
+                         reason=f"its records disagree on image_amount_in_total ({sorted(map(str, totals))})")
     try:
         total = _as_int(totals.pop())
         ranking = [_as_int(record.get("rank")) for record, _ in items]

@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 
 def score_comparisons(specs: list[ScorerSpec], records: list[dict], *, device: Any = None, dtype: Any = None,
-                      tokenizer: Any = None, batch_size: int = 16, progress: bool = True) -> dict[str, list[list[float]]]:
+                      tokenizer: Any = None, batch_size: int = 16,
+                      progress: bool = True) -> dict[str, list[list[float]]]:
     """label -> per record, one score per image; scored in this process, one scorer at a time."""
     from tqdm.auto import tqdm
 

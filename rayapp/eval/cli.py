@@ -111,7 +111,8 @@ def register(subparsers) -> None:
                     help="comparison Parquet shards (dir or file), or ImageRewardDB JSON (test.json) with --image-root")
     t3.add_argument("--image-root", help="directory the JSON generation paths are relative to")
     t3.add_argument("--ks", default="1,2,4", help="K values for Recall/Filter@K (default 1,2,4)")
-    t3.add_argument("--ray", action="store_true", help="score with the Ray Data batch job (actor pool) instead of in-process")
+    t3.add_argument("--ray", action="store_true",
+                    help="score with the Ray Data batch job (actor pool) instead of in-process")
     t3.add_argument("--concurrency", type=int, default=1, help="--ray: actors per scorer")
     t3.add_argument("--num-gpus", type=float, default=0.0, help="--ray: GPUs per actor")
     t3.add_argument("--scores-dir", help="--ray: keep the scored Parquet here (resumable) instead of a temp dir")
@@ -119,7 +120,8 @@ def register(subparsers) -> None:
     t3.set_defaults(func=_writing_out(run_table3))
 
     t1 = commands.add_parser("table1", help="rank generators: mean over prompts of mean image score")
-    t1.add_argument("--prompts", required=True, help="JSON list (or JSONL) of {id, prompt}, e.g. benchmark-prompts.json")
+    t1.add_argument("--prompts", required=True,
+                    help="JSON list (or JSONL) of {id, prompt}, e.g. benchmark-prompts.json")
     t1.add_argument("--generations", action="append",
                     help="NAME=DIR, repeatable: a generator's images named <prompt id>_<k>.png")
     t1.add_argument("--generations-root", help="a directory with one sub-directory of images per generator")

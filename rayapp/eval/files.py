@@ -38,7 +38,10 @@ def load_prompt_list(path: str | Path) -> list[dict]:
     """benchmark-prompts.json style: a JSON list (or JSONL) of {id, prompt}."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
-    items = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+    if path.suffix == ".jsonl":
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        items = json.loads(text)
     for i, item in enumerate(items):
         if not isinstance(item, dict) or "id" not in item or not item.get("prompt"):
             raise ValueError(f"{path}: item {i} needs 'id' and 'prompt'")

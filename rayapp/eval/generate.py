@@ -214,7 +214,8 @@ def _handle(args) -> int:
         print(f"no image reached --min-score {args.min_score} (best of {result.generated} scored {best:.4f}); "
               f"nothing saved in {result.out_dir}")
         return 0
-    print(f"kept {len(result.kept)} of {result.generated} images (score >= {args.min_score if not args.keep_all else '-inf'}):")
+    floor = args.min_score if not args.keep_all else "-inf"
+    print(f"kept {len(result.kept)} of {result.generated} images (score >= {floor}):")
     for entry in result.kept:
         print(f"  {entry.score:+.4f}  {entry.file}")
     print(f"contact sheet -> {result.contact_sheet}")

@@ -33,7 +33,8 @@ class RewardModelConfig:
     vocab_size: int = 30524  # bert-base-uncased 30522 + [DEC] + [ENC]
     max_length: int = 35  # tokens per prompt after padding / truncation
     head_hidden_sizes: list[int] = field(default_factory=lambda: [1024, 128, 64, 16])  # head Linear widths
-    head_dropouts: list[float] = field(default_factory=lambda: [0.2, 0.2, 0.1])  # dropout after all but the last hidden Linear
+    # dropout after all but the last hidden Linear
+    head_dropouts: list[float] = field(default_factory=lambda: [0.2, 0.2, 0.1])
     reward_mean: float = REFERENCE_REWARD_MEAN  # raw head output mean, subtracted at inference
     reward_std: float = REFERENCE_REWARD_STD  # raw head output std, divided at inference
     tokenizer: str | None = "bert-base-uncased"  # hub name or dir; None = must be given / saved alongside

@@ -130,7 +130,8 @@ class ImageReward(BatchScoringMixin, nn.Module):
         return self
 
     # ---- forward --------------------------------------------------------------------------------
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw head output [B] (float32 unless the head was cast); the training signal, unnormalised."""
         image_embeds = self.vision(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
@@ -171,7 +172,8 @@ class ImageReward(BatchScoringMixin, nn.Module):
 
     # ---- scoring API (inference) ----------------------------------------------------------------
     @torch.inference_mode()
-    def score_batch(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score_batch(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
         """Normalised float32 rewards [B] for already preprocessed inputs (Serve, Ray Data)."""
         return self.normalize(self(pixel_values, input_ids, attention_mask).float())
 

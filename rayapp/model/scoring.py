@@ -38,7 +38,8 @@ class BatchScoringMixin:
     The scorer provides `image_size`, `tokenize(prompts)`, `score_batch(pixels, ids, mask)` and `set_dtype`.
     """
 
-    def preprocess(self, images: Sequence[Any], *, max_pixels: int = DEFAULT_MAX_PIXELS, start: int = 0) -> torch.Tensor:
+    def preprocess(self, images: Sequence[Any], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   start: int = 0) -> torch.Tensor:
         """Decode image inputs and apply the reference's CLIP transform -> [N,3,S,S]; errors name the item's index."""
         return torch.stack([
             preprocess_pil(load_image(item, start + i, max_pixels=max_pixels), self.image_size)
@@ -79,7 +80,8 @@ class BatchScoringMixin:
             return self.score_pairs([prompt] * len(image), image, batch_size=batch_size, progress=progress)
         return self.score_pairs([prompt], [image])[0]
 
-    def inference_rank(self, prompt: str, images: Sequence[Any], *, batch_size: int = 16) -> tuple[list[int], list[float]]:
+    def inference_rank(self, prompt: str, images: Sequence[Any], *,
+                       batch_size: int = 16) -> tuple[list[int], list[float]]:
         """(ranking, scores): ranking[i] is image i's rank, 1 = best; ties keep input order."""
         scores = self.score(prompt, list(images), batch_size=batch_size)
         return rank_from_scores(scores), scores

@@ -34,8 +34,8 @@ def _pick(columns: list[str], preferred: str | None, candidates: tuple[str, ...]
     for name in ((preferred,) if preferred else ()) + candidates:
         if name in columns:
             return name
-    raise ValueError(f"{path}: no {what} column (looked for {', '.join(((preferred,) if preferred else ()) + candidates)}); "
-                     f"columns are {columns}")
+    looked = ", ".join(((preferred,) if preferred else ()) + candidates)
+    raise ValueError(f"{path}: no {what} column (looked for {looked}); columns are {columns}")
 
 
 def read_prompt_list(path: str | os.PathLike, column: str = "text") -> list[str]:

@@ -86,7 +86,8 @@ def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def _cast_cond(cond: Conditioning, dtype: torch.dtype | None) -> Conditioning:
     if dtype is None or dtype == torch.float32:
         return cond
-    return Conditioning(cond.encoder_hidden_states.to(dtype), {k: v.to(dtype) for k, v in cond.added_cond_kwargs.items()})
+    return Conditioning(cond.encoder_hidden_states.to(dtype),
+                        {k: v.to(dtype) for k, v in cond.added_cond_kwargs.items()})
 
 
 def predicted_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,8 @@ def load_token(auth: AuthConfig) -> bytes:
         token, where = os.environ.get(auth.token_env or "", "").strip(), f"environment variable {auth.token_env}"
     if len(token) < MIN_TOKEN_CHARS:
         raise ValueError(f"auth: the {where} must hold a token of at least {MIN_TOKEN_CHARS} characters "
-                         f"(it holds {len(token)}); e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+                         f"(it holds {len(token)}); "
+                         "e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
     return token.encode()
 
 

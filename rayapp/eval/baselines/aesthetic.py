@@ -58,8 +58,9 @@ class AestheticScorer(BaselineScorer):
         return self.mlp(features.to(self.mlp.layers[0].weight.dtype))
 
     def config_dict(self) -> dict:
-        return {"vision_config": self.clip_vision.config.to_dict(), "projection_dim": self.clip_vision.config.projection_dim,
-                "hidden_sizes": self.hidden_sizes, "dropouts": self.dropouts}
+        return {"vision_config": self.clip_vision.config.to_dict(),
+                "projection_dim": self.clip_vision.config.projection_dim, "hidden_sizes": self.hidden_sizes,
+                "dropouts": self.dropouts}
 
 
 def build_tiny(tokenizer=None) -> AestheticScorer:

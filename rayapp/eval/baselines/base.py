@@ -50,7 +50,8 @@ class BaselineScorer(BatchScoringMixin, nn.Module):
         raise NotImplementedError
 
     @torch.inference_mode()
-    def score_batch(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score_batch(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
         """float32 scores [B] for preprocessed pixels [B,3,S,S] and token ids/masks [B,L]."""
         pixel_values = pixel_values.to(self.device, self.dtype)
         return self.forward_scores(pixel_values, input_ids.to(self.device), attention_mask.to(self.device)).float()

@@ -62,7 +62,8 @@ class BLIPScorer(BaselineScorer):
 
     def forward_scores(self, pixel_values, input_ids, attention_mask):
         image_cls = self.vision(pixel_values=pixel_values).last_hidden_state[:, 0, :]
-        text_cls = self.text(input_ids=input_ids, attention_mask=attention_mask, is_decoder=False).last_hidden_state[:, 0, :]
+        text_cls = self.text(input_ids=input_ids, attention_mask=attention_mask,
+                             is_decoder=False).last_hidden_state[:, 0, :]
         image = F.normalize(self.vision_proj(image_cls).float(), dim=-1)
         text = F.normalize(self.text_proj(text_cls).float(), dim=-1)
         return (image * text).sum(-1)

@@ -96,4 +96,5 @@ def load_real(source: RealWeights) -> CLIPScorer:
     from transformers import CLIPModel
 
     model = CLIPModel.from_pretrained(source.clip_model, cache_dir=source.cache_dir)
-    return CLIPScorer(model.config, clip_tokenizer(source.tokenizer if source.tokenizer is not None else source.clip_model), model=model)
+    tokenizer = clip_tokenizer(source.tokenizer if source.tokenizer is not None else source.clip_model)
+    return CLIPScorer(model.config, tokenizer, model=model)
