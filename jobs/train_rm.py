@@ -51,13 +51,13 @@ def report_held_out_accuracy(result) -> None:
     """Pairwise accuracy of the exported model on the data set's test split, if it has one."""
     import rayapp
     from rayapp.data.storage import is_uri
+    from rayapp.rm.driver import count_split_pairs
     from rayapp.rm.evaluation import pairwise_accuracy
-    from rayapp.rm.trainer import count_split_pairs
 
-    test_dir = f"{result.plan['data_dir'].rstrip('/')}/test"
+    test_dir = f"{result.plan.data_dir.rstrip('/')}/test"
     if not is_uri(test_dir) and not Path(test_dir).is_dir():
         return
-    tokenizer = result.plan["tokenizer"]
+    tokenizer = result.plan.tokenizer
     # Small splits are quicker to decode here than to start Ray Data actors for.
     use_ray = bool(tokenizer) and count_split_pairs(test_dir) > 5000
     scores = pairwise_accuracy(rayapp.load(result.model_dir), test_dir, tokenizer_dir=tokenizer, use_ray=use_ray)
