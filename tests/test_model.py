@@ -74,7 +74,7 @@ def test_full_size_preset_matches_every_official_key():
     assert set(ours) == set(official) - ignored
     assert {k: official[k] for k in ours} == ours
     for key in ours:  # the mapping is a bijection
-        assert ckpt.internal_to_official(ckpt.official_to_internal(key)) == key
+        assert ckpt.internal_to_official(ckpt.official_to_ours(key)) == key
     assert get_preset("imagereward-v1").num_image_tokens == 197
 
 

@@ -40,7 +40,7 @@ class CheckpointError(ValueError):
     """A checkpoint whose keys or shapes do not fit the architecture; the message names them."""
 
 
-def official_to_internal(key: str) -> str | None:
+def official_to_ours(key: str) -> str | None:
     """Our parameter name for an official key, or None for an official key we do not know."""
     if key.startswith("mlp.layers."):
         return "head.layers." + key[len("mlp.layers."):]
@@ -189,7 +189,7 @@ def load_official_into(model: torch.nn.Module, state: dict[str, torch.Tensor], s
     for key, tensor in state.items():
         if IGNORED_OFFICIAL_KEYS.search(key):
             continue
-        ours = official_to_internal(key) or f"<unmapped>.{key}"
+        ours = official_to_ours(key) or f"<unmapped>.{key}"
         renamed[ours] = tensor
         names[ours] = key
     for ours in model.state_dict():

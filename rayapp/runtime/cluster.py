@@ -2,8 +2,11 @@
 the cluster can never meet, say where the workers run."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+
+from rayapp import ray_compat
 
 from .config import TrainingConfig
 
@@ -18,11 +21,28 @@ class ResourceRequestError(RuntimeError):
     """The cluster can never satisfy what a job or deployment asked for."""
 
 
+STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"
+# Ray's switches for console lines of a job's own local Ray that a user cannot act on (`--verbose` keeps Ray's
+# defaults). Only for the local Ray: a cluster's raylets and Train settings belong to whoever runs the cluster.
+_LOCAL_QUIET_ENV = {
+    # Train's preemption watcher waits for node drains, which a one-machine Ray never has; starting it logs a C++
+    # error about its constructor arguments from the train controller.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # The raylet warns ("N PYTHON worker processes ... 4x the maximum expected startup concurrency") once a job's
+    # controller, train workers and Ray Data tasks outnumber 4x its startup concurrency, by default the CPU count:
+    # a small machine reaches it by design (fractional-CPU workers). The warning scales with this setting.
+    "RAY_worker_maximum_startup_concurrency": str(max(8, os.cpu_count() or 1)),
+}
+
+
 def connect(verbose: bool = False, **kwargs) -> None:
     """Connect to RAY_ADDRESS (set under `ray job submit`) or start a local Ray sized like this machine.
 
-    Unless `verbose`, every Ray process of the job (train controller, workers, Ray Data coordinators) starts with
-    `rayapp.logs.quiet_ray_process`: their INFO lines repeat what the loops' own progress lines say.
+    Turns on Ray Train's state tracking (read by `TorchTrainer.fit` in this process), so the dashboard's Train API
+    lists the run, and logs the dashboard's address once, with how to sign in when token auth is on.
+    Unless `verbose`: every Ray process of the job (train controller, workers, Ray Data coordinators) starts with
+    `rayapp.logs.quiet_ray_process`, and the messages a user cannot act on stay out of the console
+    (`_LOCAL_QUIET_ENV`, Ray's own INFO/WARNING lines while connecting).
     """
     import ray
 
@@ -30,13 +50,45 @@ def connect(verbose: bool = False, **kwargs) -> None:
 
     if ray.is_initialized():
         return
+    os.environ.setdefault(STATE_TRACKING_ENV, "1")
     if not verbose:
         kwargs.setdefault("runtime_env", {"worker_process_setup_hook": "rayapp.logs.quiet_ray_process"})
+    # "ray" logger of this process while connecting: the token-auth notice and "Started a local Ray instance"
+    kwargs.setdefault("logging_level", logging.INFO if verbose else logging.ERROR)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(**kwargs)
+        context = ray.init(**kwargs)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+        with _environ({} if verbose else _LOCAL_QUIET_ENV):  # the local Ray's processes inherit it
+            context = ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
     setup_logging(verbose)  # importing Ray re-configures its loggers: apply our levels again
+    if context.dashboard_url:
+        url = context.dashboard_url
+        logger.info("%s", dashboard_hint(url if url.startswith(("http://", "https://")) else f"http://{url}"))
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """Set `values` (unless already set) in os.environ for the block, then restore what was there."""
+    added = {key: value for key, value in values.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def dashboard_hint(url: str) -> str:
+    """One line: where the Ray dashboard is and, with token auth on (RAY_AUTH_MODE=token), where its token is."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return f"Ray dashboard: {url}"
+    # Ray reads the token from RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token.
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        where = "the RAY_AUTH_TOKEN environment variable"
+    else:
+        where = os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
+    return (f"Ray dashboard: {url} (token auth is on: it asks for the token in {where}; "
+            "`ray get-auth-token` prints it)")
 
 
 def cluster_capacity() -> tuple[dict[str, float], list[dict[str, float]]]:
@@ -104,14 +156,11 @@ def log_worker_nodes(prefix: str = "[workers]") -> list[str]:
 
 def quiet_report_log() -> None:
     """Silence Ray Train's INFO line per `ray.train.report` (the whole metrics dict, from every rank); the
-    loops log their own one-line progress on rank 0 instead. A no-op where Ray moved that logger."""
+    loops log their own one-line progress on rank 0 instead. Logs at debug, and goes on, where Ray moved it."""
     try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    module_logger = getattr(context, "logger", None)
-    if isinstance(module_logger, logging.Logger):
-        module_logger.setLevel(logging.WARNING)
+        ray_compat.quiet_train_report_log()
+    except (ImportError, AttributeError):  # tests/test_ray_compat.py names what moved
+        logger.debug("Ray Train's report logger not found", exc_info=True)
 
 
 def quiet_data_progress_bars() -> None:

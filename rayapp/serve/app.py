@@ -6,6 +6,7 @@ import os
 
 from ray.serve import Application
 
+from rayapp import ray_compat
 from rayapp.data.storage import is_uri
 from rayapp.serve.api import RewardAPI
 from rayapp.serve.config import AppArgs, ModelSpec, MultiplexConfig
@@ -47,36 +48,36 @@ def _config_overrides(args: AppArgs) -> list[dict[str, dict]]:
     """
     candidates = []
     try:
-        from ray.serve.context import _get_global_client
-
-        client = _get_global_client(raise_if_no_controller_running=False)
-        if client is None:
+        details = ray_compat.serve_details()
+        if details is None:
             return []
-        for details in client.get_serve_details().get("applications", {}).values():
-            config = details.get("deployed_app_config") or {}
-            if config.get("import_path") != IMPORT_PATH or details.get("status") not in ("DEPLOYING", "NOT_STARTED"):
+        for app in details.get("applications", {}).values():
+            config = app.get("deployed_app_config") or {}
+            if config.get("import_path") != IMPORT_PATH or app.get("status") not in ("DEPLOYING", "NOT_STARTED"):
                 continue
             if AppArgs.model_validate(config.get("args") or {}) == args:
                 # Unset options may come back as None: they do not override the code's values.
                 candidates.append({d["name"]: {k: v for k, v in d.items() if v is not None}
                                    for d in config.get("deployments") or []})
-    except Exception:  # private controller API; the check then uses the code's options only
+    except Exception:  # a private controller API (rayapp.ray_compat); the check then uses the code's options only
         logger.debug("could not read the deployed config's overrides", exc_info=True)
     return candidates
 
 
-def _demand(name: str, deployment, override: dict) -> DeploymentDemand:
-    config = deployment._deployment_config
-    options = override.get("ray_actor_options", deployment.ray_actor_options)
-    num_replicas = override.get("num_replicas", config.num_replicas)
-    autoscaling = override.get("autoscaling_config", config.autoscaling_config)
-    if num_replicas == "auto":
-        num_replicas = None
-    if "autoscaling_config" in override or num_replicas is None:
-        replicas = initial_replicas(None, autoscaling)
-    else:
-        replicas = initial_replicas(num_replicas, None)
-    return DeploymentDemand(name, replica_resources(options), replicas)
+def _demand(name: str, deployment, override: dict, options: dict | None = None) -> DeploymentDemand:
+    """What `deployment` (with the `.options()` given as `options`) asks for once the config's `override` applies.
+
+    Replica counts come from the override, else from `options`, else from the deployment's own num_replicas;
+    autoscaling deployments start with their initial (or minimum) replicas.
+    """
+    options = options or {}
+    actor_options = override.get("ray_actor_options", deployment.ray_actor_options)
+    num_replicas = override.get("num_replicas", options.get("num_replicas", deployment.num_replicas))
+    autoscaling = override.get("autoscaling_config", options.get("autoscaling_config"))
+    autoscaled = ("autoscaling_config" in override or num_replicas in (None, "auto")
+                  or ("autoscaling_config" in options and "num_replicas" not in override))
+    replicas = initial_replicas(None, autoscaling) if autoscaled else initial_replicas(num_replicas, None)
+    return DeploymentDemand(name, replica_resources(actor_options), replicas)
 
 
 def _check_resources(args: AppArgs, deployments: dict) -> None:
@@ -104,7 +105,8 @@ def _check_resources(args: AppArgs, deployments: dict) -> None:
 
 
 def _check_one(deployments: dict, overrides: dict, mode: str, wait_s: float) -> None:
-    demands = [_demand(name, deployment, overrides.get(name, {})) for name, deployment in deployments.items()]
+    demands = [_demand(name, deployment, overrides.get(name, {}), options)
+               for name, (deployment, options) in deployments.items()]
     check_application(demands, mode, wait_s)
 
 
@@ -119,7 +121,7 @@ def build_app(args: AppArgs) -> Application:
     batching = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
     scorer = RewardScorer.options(**{"user_config": batching, **args.scorer_options})
     api = RewardAPI.options(**args.api_options)
-    _check_resources(args, {"RewardScorer": scorer, "RewardAPI": api})
+    _check_resources(args, {"RewardScorer": (scorer, args.scorer_options), "RewardAPI": (api, args.api_options)})
     bound_scorer = scorer.bind([spec.model_dump() for spec in specs], args.device, args.dtype, args.num_threads,
                                multiplex.model_dump() if multiplex else None)
     return api.bind(bound_scorer, args.limits.model_dump(), args.auth.model_dump() if args.auth else None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import re
 
+from rayapp import ray_compat
+
 _ATTACHED = "_rayapp_serve_handlers"
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._:-]")
 
@@ -25,9 +27,7 @@ def attach_to_serve_logs(level: int = logging.INFO) -> None:
 def current_request_id() -> str:
     """The id Serve's proxy gave this request (the client's X-Request-ID, or a generated one); '' outside one."""
     try:
-        from ray.serve.context import _get_serve_request_context
-
-        return safe_request_id(_get_serve_request_context().request_id)
+        return safe_request_id(ray_compat.serve_request_id())
     except Exception:  # noqa: BLE001 -- outside Serve there is no request context
         return ""
 

@@ -7,11 +7,12 @@ error that names the deployment, what it asked for and what the cluster has.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 from dataclasses import dataclass
+
+from rayapp import ray_compat
 
 logger = logging.getLogger(__name__)
 
@@ -113,19 +114,13 @@ def autoscaler_node_types() -> list[dict] | None:
     whose node types are the nodes' own ids (`node_<id>`), i.e. no autoscaler.
     """
     try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-        if config is not None and config.node_group_configs:
-            return [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
-    except Exception:  # private API; absent or changed means "unknown"
+        groups = ray_compat.autoscaler_node_groups()
+        if groups is not None:
+            return groups
+    except Exception:  # a private API (rayapp.ray_compat); absent or changed means "unknown"
         logger.debug("could not read the autoscaler's cluster config", exc_info=True)
     try:
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        status = json.loads(_internal_kv_get("__autoscaling_status") or b"{}")
-        mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
-        if any(not _READONLY_NODE_TYPE.match(str(node_type)) for node_type in mapping.values()):
+        if any(not _READONLY_NODE_TYPE.match(node_type) for node_type in ray_compat.autoscaler_v1_node_types()):
             return []
     except Exception:
         logger.debug("could not read the autoscaler status", exc_info=True)

@@ -20,7 +20,7 @@ from torch import nn
 
 from rayapp.model.checkpoint import (
     load_state_strict,
-    official_to_internal,
+    official_to_ours,
     read_state_dict,
 )
 from rayapp.model.config import RewardModelConfig, get_preset
@@ -80,7 +80,7 @@ class BLIPScorer(BaselineScorer):
             elif key.startswith(("visual_encoder.", "text_encoder.")):
                 if ".crossattention." in key or key.endswith(".position_ids"):
                     continue  # multimodal-only weights; text mode skips them
-                mapped = official_to_internal("blip." + key)
+                mapped = official_to_ours("blip." + key)
                 if mapped is None:
                     raise ValueError(f"{source}: unknown BLIP key {key!r}")
                 ours[mapped] = tensor
