@@ -104,6 +104,21 @@ class WorkerPids:
             path.with_suffix(".tmp").replace(path)
 
 
+class MetricsLog:
+    """Rank 0 appends each finished update's event metrics as one JSON line (what a custom tracker would see)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+
+    def __call__(self, event: UpdateEvent) -> None:
+        if event.when == "after" and event.rank == 0:
+            with open(self.path, "a") as log:
+                log.write(json.dumps({"step": event.step, **event.metrics}) + "\n")
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in Path(self.path).read_text().splitlines() if line]
+
+
 def exit_once_files_exist(directory: str | os.PathLike, pattern: str, count: int, code: int = 17) -> None:
     """Start a thread that hard-exits this process (`os._exit(code)`: no cleanup, no atexit, Ray actors die with
     their driver) once `count` files matching `pattern` exist in `directory`."""
@@ -114,7 +129,6 @@ def exit_once_files_exist(directory: str | os.PathLike, pattern: str, count: int
         os._exit(code)
 
     threading.Thread(target=watch, daemon=True, name="exit-once-files-exist").start()
-
 
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -236,8 +236,10 @@ def test_convert_to_s3_train_resume_and_score(ray_cluster, s3_server, local_sour
     assert 1 in states and 2 in states, states  # checkpoint_every=1: every update's checkpoint is in the bucket
     second = _train(ray_cluster, s3_server, data, ckpt, tmp_path / "run2", max_steps=3, run_name="rm-s3-b",
                     resume_from=states[1], tokenizer=tokenizer)
-    steps = sorted({h["step"] for h in second["reports"] if h.get("step") is not None})
-    assert steps[0] == 2 and second["metrics"]["step"] == 3, second["reports"]  # continued after step 1
+    # The run's history goes on from the step-1 checkpoint's: update 1 reported once (by the first run), 2 and 3
+    # by this one after its resume.
+    assert [(h["step"], h["restarts"]) for h in second["reports"]] == [(1, 0), (2, 1), (3, 1)], second["reports"]
+    assert second["metrics"]["step"] == 3
     model = rayapp.load(tmp_path / "run2" / "model", device="cpu")
 
     # ---- batch scoring from and to s3://, workers writing the parts; resume finds everything done
