@@ -121,9 +121,8 @@ def read_checkpoint_state(filesystem, path: str, *, retry_seconds: float | None 
         return None
     state, names = found
     ranks = state.get("world_size", 1)
-    # A final checkpoint counts once its state is there: rank 0 uploads the state after its export
-    # (upload_checkpoint), and resuming a finished run loads no engine state.
-    if state.get("finished") or all(f"{DONE_PREFIX}{r}" in names for r in range(ranks)):
+    # The final checkpoint too: it holds every rank's engine state beside the export (runtime.loop.finish).
+    if all(f"{DONE_PREFIX}{r}" in names for r in range(ranks)):
         return state
     return None
 
@@ -244,8 +243,6 @@ def restore_checkpoint(engine, *, resume_from: str | None = None, strict: bool =
                                  lambda: _download(checkpoint, str(directory)), retry_seconds=retry_seconds)
         state = json.loads((directory / STATE_FILE).read_text())
         state["checkpoint_path"] = checkpoint.path
-        if state.get("finished"):
-            return state  # a final export checkpoint: nothing left to train, no engine state in it
         load_path, _ = engine.load_checkpoint(str(directory), tag=DS_TAG, load_module_strict=strict,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
