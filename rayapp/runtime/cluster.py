@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 
 from rayapp import ray_compat
 
@@ -22,6 +23,7 @@ class ResourceRequestError(RuntimeError):
 
 
 STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"
+DEFAULT_DASHBOARD_PORT = 8265  # Ray's, kept for the local Ray while it is free
 # Ray's switches for console lines of a job's own local Ray that a user cannot act on (`--verbose` keeps Ray's
 # defaults). Only for the local Ray: a cluster's raylets and Train settings belong to whoever runs the cluster.
 _LOCAL_QUIET_ENV = {
@@ -58,12 +60,32 @@ def connect(verbose: bool = False, **kwargs) -> None:
     if os.environ.get("RAY_ADDRESS"):
         context = ray.init(**kwargs)
     else:
-        with _environ({} if verbose else _LOCAL_QUIET_ENV):  # the local Ray's processes inherit it
+        env = {} if verbose else dict(_LOCAL_QUIET_ENV)
+        if kwargs.get("include_dashboard") is not False:
+            # Ray Train's placement-group cleaner and state actor call Ray's state API without an address; with
+            # another Ray on the machine its auto-detection fails ("Found multiple active Ray instances") and
+            # their monitor threads die. Pin the dashboard's port and name it to every process of this Ray.
+            kwargs.setdefault("dashboard_port", _free_port(DEFAULT_DASHBOARD_PORT))
+            host = kwargs.get("dashboard_host", "127.0.0.1")
+            env["RAY_API_SERVER_ADDRESS"] = f"http://{host}:{kwargs['dashboard_port']}"
+        with _environ(env):  # the local Ray's processes inherit it
             context = ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
     setup_logging(verbose)  # importing Ray re-configures its loggers: apply our levels again
     if context.dashboard_url:
         url = context.dashboard_url
         logger.info("%s", dashboard_hint(url if url.startswith(("http://", "https://")) else f"http://{url}"))
+
+
+def _free_port(preferred: int) -> int:
+    """`preferred` if it is free on 127.0.0.1 now, else a free port the system picks."""
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 @contextlib.contextmanager
