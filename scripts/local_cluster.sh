@@ -106,7 +106,7 @@ start_node() {
     # cleaner) would otherwise also find other clusters' GCS processes in the process table namespaces share.
     setsid ip netns exec "$(node_ns "$node")" env \
         PATH="$VENV/bin:$PATH" VIRTUAL_ENV="$VENV" RAY_ADDRESS="$(head_ip):$GCS_PORT" \
-        RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \
+        RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 RAY_TRAIN_ENABLE_STATE_TRACKING=1 \
         HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false \
         "$VENV/bin/ray" start --block "${role_args[@]}" "--node-ip-address=$ip_addr" "--num-cpus=$cpus" \
         --num-gpus=0 "--object-store-memory=$((OBJECT_STORE_MB * 1024 * 1024))" "--temp-dir=$dir/temp" \

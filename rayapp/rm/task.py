@@ -34,10 +34,11 @@ def build_model(config: RMTrainConfig, tokenizer: str | None):
 
 def pair_rewards(engine, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw rewards of the better and the worse image of each pair, both halves in one forward pass."""
-    better = torch.as_tensor(batch["pixels_better"])
-    worse = torch.as_tensor(batch["pixels_worse"])
-    ids = torch.as_tensor(batch["input_ids"]).long()
-    mask = torch.as_tensor(batch["attention_mask"]).long()
+    # torch.tensor copies: Ray Data's numpy batches can be read-only views of Arrow buffers.
+    better = torch.tensor(batch["pixels_better"])
+    worse = torch.tensor(batch["pixels_worse"])
+    ids = torch.tensor(batch["input_ids"]).long()
+    mask = torch.tensor(batch["attention_mask"]).long()
     raw = engine(torch.cat([better, worse]).to(device), ids.repeat(2, 1).to(device), mask.repeat(2, 1).to(device))
     n = better.shape[0]
     return raw[:n].float(), raw[n:].float()
