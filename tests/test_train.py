@@ -119,7 +119,7 @@ def test_job_submit_trains_and_writes_a_loadable_model(ray_cluster, tmp_path):
     assert "steps per epoch:" in log and "effective batch: 32 pairs" in log, log[-4000:]
     assert "held-out pairwise accuracy" in log, log[-4000:]
     # the loop's own progress line, once per report, replaces Ray Train's per-report INFO dump
-    assert log.count("[train] update 3/3") == 1 and "Reporting training result" not in log, log[-4000:]
+    assert log.count("[rm] step 3/3") == 1 and "Reporting training result" not in log, log[-4000:]
     assert re.search(r"\[workers\] node IPs: \S+, \S+", log), log[-4000:]
     model = rayapp.load(out / "model", device="cpu")
     assert model.config.image_size == 64
