@@ -124,9 +124,6 @@ class ReFLTask(TrainingTask):
         metrics = {k: v for k, v in metrics.items() if k != "step"}
         return metrics
 
-    def finalize(self, engine, state: LoopState) -> dict:
-        return {}
-
     def export(self, directory: Path) -> None:
         if self.ema is not None:
             self.ema.copy_to(self.trainable())  # after DeepSpeed saved the trained weights: export the average
