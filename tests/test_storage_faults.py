@@ -238,11 +238,13 @@ def test_storage_calls_wait_out_a_restart_and_refusals_fail_at_once(store, tmp_p
     store.stop()
     caplog.set_level(logging.WARNING, logger="rayapp.runtime.storage_retry")
     started = time.time()
-    with pytest.raises(StorageUnreachable, match=r"storage unreachable while reading "
-                                                 r"s3://rayapp-faults/unit/checkpoint_a: gave up after 3 attempts"):
+    # The budget is time since the first failure, so the number of attempts depends on how long each one takes
+    # (the AWS SDK retries inside an attempt, slower on a loaded machine): at least two, at most three.
+    with pytest.raises(StorageUnreachable, match=r"storage unreachable while reading s3://rayapp-faults/unit/"
+                                                 r"checkpoint_a: gave up after [23] attempts over [0-9]+ s"):
         checkpoints.read_checkpoint_state(filesystem, path, retry_seconds=3)
     assert time.time() - started < 30
-    assert "retrying in 1s (attempt 1/3)" in caplog.text and "retrying in 2s (attempt 2/3)" in caplog.text
+    assert "retrying in 1s (attempt 1/3)" in caplog.text
 
     # down for ~4 s more, then back on the same port with its objects: the read waits and finds the checkpoint
     restart = threading.Timer(4, store.start)
