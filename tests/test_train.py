@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # One synthetic set and one training run serve the learning, fault and export tests (2 CPUs, minutes).
-SYNTH = {"prompts": 2000, "per_prompt": 4, "seed": 0}  # the default attributes (colour, size)
+SYNTH = {"prompts": 1000, "per_prompt": 4, "seed": 0}  # the default attributes (colour, size)
 FAIL_AFTER_EPOCH_1 = 3  # rank 1 dies when about to run update steps_per_epoch + 3 (mid epoch 2)
 
 
@@ -101,30 +101,76 @@ def test_official_export_scores_identically(trained, synth_dir):
     assert ours.config.reward_std > 0
 
 
-def test_job_submit_trains_and_writes_a_loadable_model(ray_cluster, tmp_path):
+TRAIN_RUNS = "/api/train/v2/runs/v1"  # Ray 2.60's Train v2 route (ray/dashboard/modules/train/train_head.py)
+
+
+def _train_run_of(dashboard_url: str, submission_id: str) -> dict | None:
+    """The dashboard Train API's run for this job submission, or None while it has none (or no state actor yet)."""
+    import requests
+
+    response = requests.get(dashboard_url + TRAIN_RUNS, timeout=30)
+    if response.status_code != 200:  # 500 "Train state data is not available" until the run creates the actor
+        return None
+    for run in response.json()["train_runs"]:
+        if (run.get("job_details") or {}).get("submission_id") == submission_id:
+            return run
+    return None
+
+
+def _workers(run: dict) -> list[dict]:
+    return run["attempts"][-1]["workers"] if run["attempts"] else []
+
+
+def test_job_submit_trains_writes_a_loadable_model_and_shows_on_the_dashboard(ray_cluster, tmp_path):
     """`ray job submit --working-dir .` of jobs/train_rm.py (offline default: it synthesises its data) against
-    the session's head: SUCCEEDED, the derived quantities printed, a loadable model written."""
+    the session's head: while it trains, the dashboard's Train API lists its run RUNNING with both workers (the
+    head has no Train setting of its own: the job turns tracking on), then FINISHED; the job SUCCEEDED, printed
+    the derived quantities and wrote a loadable model."""
     import rayapp
 
     out = tmp_path / "job_out"
+    submission_id = f"rm-dashboard-{int(time.time())}"
     cmd = [
         str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster.dashboard_url,
-        "--working-dir", ".", "--", sys.executable, "jobs/train_rm.py", "--synth-prompts", "100",
-        "--output-dir", str(out), "--max-steps", "3", "--log-every", "1", "--num-workers", "2",
+        "--submission-id", submission_id, "--working-dir", ".", "--", sys.executable, "jobs/train_rm.py",
+        "--synth-prompts", "100", "--output-dir", str(out), "--max-steps", "6", "--log-every", "1",
+        "--num-workers", "2",
     ]
-    proc = subprocess.run(cmd, check=False, cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        running = None
+        deadline = time.time() + 480
+        while running is None and proc.poll() is None and time.time() < deadline:
+            run = _train_run_of(ray_cluster.dashboard_url, submission_id)
+            if run and run["status"] == "RUNNING" and len(_workers(run)) == 2:
+                running = run
+            else:
+                time.sleep(0.5)
+        log, _ = proc.communicate(timeout=max(1.0, deadline - time.time()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0, log[-4000:]
     assert re.search(r"Job '\S+' succeeded", log), log[-4000:]  # the CLI's words for status SUCCEEDED
+    assert running is not None, f"the Train API never listed the run RUNNING with 2 workers:\n{log[-4000:]}"
+    assert sorted(w["world_rank"] for w in _workers(running)) == [0, 1]
+    assert all(w["status"] == "ALIVE" and w["pid"] > 0 for w in _workers(running)), _workers(running)
+    assert running["name"].startswith("rm-"), running["name"]
+    final = _train_run_of(ray_cluster.dashboard_url, submission_id)
+    assert final is not None and final["status"] == "FINISHED", final
+    # the job said where the dashboard is (this head runs without token auth: the plain address)
+    assert f"Ray dashboard: {ray_cluster.dashboard_url}" in log, log[-4000:]
     assert "steps per epoch:" in log and "effective batch: 32 pairs" in log, log[-4000:]
     assert "held-out pairwise accuracy" in log, log[-4000:]
     # the loop's own progress line, once per report, replaces Ray Train's per-report INFO dump
-    assert log.count("[rm] step 3/3") == 1 and "Reporting training result" not in log, log[-4000:]
+    assert log.count("[rm] step 6/6") == 1 and "Reporting training result" not in log, log[-4000:]
     assert re.search(r"\[workers\] node IPs: \S+, \S+", log), log[-4000:]
     model = rayapp.load(out / "model", device="cpu")
     assert model.config.image_size == 64
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["metrics"]["step"] == 3
+    assert summary["metrics"]["step"] == 6
     rayapp.load(out / "official", device="cpu")
 
 
