@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # One synthetic set and one training run serve the learning, fault and export tests (2 CPUs, minutes).
-SYNTH = {"prompts": 1000, "per_prompt": 4, "seed": 0}  # the default attributes (colour, size)
+SYNTH = {"prompts": 2000, "per_prompt": 4, "seed": 0}  # the default attributes (colour, size)
 FAIL_AFTER_EPOCH_1 = 3  # rank 1 dies when about to run update steps_per_epoch + 3 (mid epoch 2)
 
 
@@ -101,6 +101,7 @@ def test_official_export_scores_identically(trained, synth_dir):
     assert ours.config.reward_std > 0
 
 
+TRACKER_SECRET = "not-for-the-dashboard-5d1e"
 TRAIN_RUNS = "/api/train/v2/runs/v1"  # Ray 2.60's Train v2 route (ray/dashboard/modules/train/train_head.py)
 
 
@@ -132,7 +133,10 @@ def test_job_submit_trains_writes_a_loadable_model_and_shows_on_the_dashboard(ra
     submission_id = f"rm-dashboard-{int(time.time())}"
     cmd = [
         str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster.dashboard_url,
-        "--submission-id", submission_id, "--working-dir", ".", "--", sys.executable, "jobs/train_rm.py",
+        "--submission-id", submission_id, "--working-dir", ".",
+        # a tracker credential in the job's environment travels to rank 0 but must not show on the dashboard
+        "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_PASSWORD": TRACKER_SECRET}}),
+        "--", sys.executable, "jobs/train_rm.py",
         "--synth-prompts", "100", "--output-dir", str(out), "--max-steps", "6", "--log-every", "1",
         "--num-workers", "2",
     ]
@@ -160,6 +164,9 @@ def test_job_submit_trains_writes_a_loadable_model_and_shows_on_the_dashboard(ra
     assert running["name"].startswith("rm-"), running["name"]
     final = _train_run_of(ray_cluster.dashboard_url, submission_id)
     assert final is not None and final["status"] == "FINISHED", final
+    assert "WorkerPlan(" in json.dumps(final["run_settings"]["train_loop_config"]), final["run_settings"]
+    # (the job's own runtime env, credential included, is the Jobs API's to show; the run's settings must not)
+    assert TRACKER_SECRET not in json.dumps(final["run_settings"]), "a tracker credential shows in the Train API"
     # the job said where the dashboard is (this head runs without token auth: the plain address)
     assert f"Ray dashboard: {ray_cluster.dashboard_url}" in log, log[-4000:]
     assert "steps per epoch:" in log and "effective batch: 32 pairs" in log, log[-4000:]

@@ -53,7 +53,9 @@ class WorkerPlan:
     task_plan: Any  # the trainer's own typed plan (data locations, tokenizer, ...)
     run_dir: str  # the run's output directory (tracking files go under it on rank 0's node)
     tracking: tuple[str, ...] = ()  # tracker names (rayapp.runtime.tracking)
-    tracking_env: dict = field(default_factory=dict)  # the driver's tracker settings (MLFLOW_*, WANDB_*)
+    # the driver's tracker settings (MLFLOW_*, WANDB_*, credentials included); out of the repr because Ray Train's
+    # state API shows str(train_loop_config) on the dashboard
+    tracking_env: dict = field(default_factory=dict, repr=False)
     callbacks: tuple[UpdateCallback, ...] = ()
     verbose: bool = False
 
