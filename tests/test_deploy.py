@@ -186,16 +186,20 @@ def test_rayservice_autoscaler_v2_by_field():
     cluster = ray_cluster_spec(one("RayService"))
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster["autoscalerOptions"]["version"] == "v2"
-    for _, resource in ray_resources():
+    for name, resource in ray_resources():
         for container in containers(ray_cluster_spec(resource)):
             names = {e["name"].lower() for e in container.get("env", [])}
             assert "ray_enable_autoscaler_v2" not in names, container["name"]
+        for group in groups(ray_cluster_spec(resource)):
+            assert "restartPolicy" not in group["template"]["spec"], f"{name}: KubeRay sets it to fit the autoscaler"
 
 
 def test_rayservice_gcs_fault_tolerance_uses_the_shipped_redis():
     service = one("RayService")
     options = ray_cluster_spec(service)["gcsFaultToleranceOptions"]
     assert "ray.io/ft-enabled" not in service["metadata"].get("annotations", {}), "the pre-1.3 API: one or the other"
+    head_params = ray_cluster_spec(service)["headGroupSpec"]["rayStartParams"]
+    assert "redis-password" not in head_params, "KubeRay refuses a password both here and in the options"
     host, port = options["redisAddress"].rsplit(":", 1)
     redis_service, deployment = one("Service"), one("Deployment")
     assert redis_service["metadata"]["name"] == host
