@@ -320,7 +320,7 @@ class AsyncRewardClient:
 
         parts = await asyncio.gather(*[one(start) for start in range(0, len(prompts), step)])
         return {"scores": [score for part in parts for score in part["scores"]],
-                "model": parts[0]["model"] if parts else (model or self.model),
+                "model": parts[0].get("model") if parts else (model or self.model),
                 "weights_sha256": [part.get("weights_sha256") for part in parts for _ in part["scores"]]}
 
     async def score_batch(self, prompts: Sequence[str], images: Any, model: str | None = None) -> list[float]:
