@@ -166,3 +166,24 @@ def test_ddpo_reward_fn_and_async_compute_score_give_library_scores_and_the_dige
     with pytest.raises(ValueError, match="pair one to one"):
         asyncio.run(compute_score(serve_app.url, batch, PROMPTS[:3]))
 
+
+
+def _shipped_configs() -> list:
+    """serve_configs/*.yaml, wherever the checkout or the package keeps them."""
+    return sorted({*REPO_ROOT.glob("serve_configs/*.yaml"), *REPO_ROOT.glob("rayapp/**/serve_configs/*.yaml")})
+
+
+def test_every_shipped_config_bounds_the_model_queue_and_says_when_to_retry():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    configs = _shipped_configs()
+    assert len({path.name for path in configs}) >= 3, configs
+    for path in configs:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+        for app in config.applications:
+            deployments = {d.name: d for d in app.deployments}
+            for name in ("RewardScorer", "RewardAPI"):
+                queue = deployments[name].max_queued_requests
+                assert isinstance(queue, int) and queue >= 1, (path.name, name, queue)
+                assert deployments[name].backpressure_config.retry_after_s >= 1, (path.name, name)
