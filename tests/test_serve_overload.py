@@ -78,7 +78,13 @@ def test_full_queue_is_refused_fast_and_retried_clients_get_library_scores(overl
     post_pair(requests.Session(), overload_url, prompts[0], images[0]).raise_for_status()  # warm: model info cached
 
     # 1. Many clients at once, no retries: each request is scored, or refused with Retry-After within a second.
-    start = threading.Barrier(CLIENTS)
+    #    Health and model listing keep answering meanwhile (a busy replica is a healthy one).
+    start = threading.Barrier(CLIENTS + 2)
+
+    def meanwhile(path: str) -> int:
+        session = requests.Session()
+        start.wait(timeout=30)
+        return session.get(f"{overload_url}{path}", timeout=30).status_code
 
     def once(i: int) -> tuple[int, float, str | None]:
         session = requests.Session()
@@ -87,8 +93,10 @@ def test_full_queue_is_refused_fast_and_retried_clients_get_library_scores(overl
         resp = post_pair(session, overload_url, prompts[i], images[i])
         return resp.status_code, time.perf_counter() - began, resp.headers.get("Retry-After")
 
-    with ThreadPoolExecutor(CLIENTS) as pool:
+    with ThreadPoolExecutor(CLIENTS + 2) as pool:
+        side = [pool.submit(meanwhile, path) for path in ("/healthz", "/v1/models")]
         answers = list(pool.map(once, range(CLIENTS)))
+    assert [future.result() for future in side] == [200, 200]
     statuses = [status for status, _, _ in answers]
     assert set(statuses) <= {200, 503}, statuses
     refused = [(seconds, retry_after) for status, seconds, retry_after in answers if status == 503]

@@ -176,8 +176,13 @@ class RewardAPI:
 
     # ---- the model deployment ------------------------------------------------------------------
     async def _model_info(self, refresh: bool = False) -> dict:
+        """The model deployment's info; when it is overloaded or briefly gone, the last answer (if any)."""
         if self._info is None or refresh:
-            self._info = await self._call(self.scorer.info)
+            try:
+                self._info = await self._call(self.scorer.info)
+            except HTTPException:
+                if self._info is None:
+                    raise
         return self._info
 
     async def _call(self, method, *args):
@@ -433,6 +438,12 @@ class RewardAPI:
         """200 when a model replica answers (never needs the token)."""
         try:
             info = await asyncio.wait_for(self.scorer.info.remote(), timeout=10)
+        except BackPressureError:
+            if self._info is None:
+                return JSONResponse({"status": "unavailable", "detail": "the model's request queue is full"},
+                                    status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+            # Replicas that fill their queue are alive: busy is healthy.
+            info = self._info
         except Exception as err:  # noqa: BLE001 -- any failure means not healthy
             return JSONResponse({"status": "unavailable", "detail": str(err)[:200]}, status_code=503,
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
