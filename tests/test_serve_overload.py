@@ -103,6 +103,8 @@ def test_full_queue_is_refused_fast_and_retried_clients_get_library_scores(overl
     assert refused and statuses.count(200) >= 1, f"the queue never filled: {statuses}"
     assert all(retry_after is not None and retry_after.isdigit() and int(retry_after) >= 1
                for _, retry_after in refused), refused
+    print(f"{statuses.count(200)} scored, {len(refused)} refused; slowest refusal "
+          f"{max(seconds for seconds, _ in refused):.3f} s, slowest answer {max(s for _, s, _ in answers):.3f} s")
     slow = sorted(seconds for seconds, _ in refused if seconds >= FAST_S)
     assert not slow, f"{len(slow)} of {len(refused)} refusals took >= {FAST_S} s: {slow[-3:]}"
 
@@ -270,6 +272,8 @@ def test_serve_deploy_of_a_new_checkpoint_under_load_drops_no_request(ray_cluste
             load.stop()
         serve.delete(ROLLING_APP)
 
+    print(f"{len(load.answers)} requests during the update: {load.digests().count(old)} by the old weights, "
+          f"{load.digests().count(new)} by the new")
     failures = [(status, body) for _, status, _, body in load.answers if status != 200]
     assert not failures, f"{len(failures)} of {len(load.answers)} requests failed during the update: {failures[:3]}"
     digests = load.digests()

@@ -79,7 +79,8 @@ app = FastAPI(
     description="Human-preference reward scores for text-to-image generations. Images are sent inline "
     "(base64 JSON, multipart, or the length-prefixed binary body of /v1/score_batch); the server never fetches "
     "URLs. Every error body is `{detail, field, request_id}`. When the server has a token, /v1 routes need "
-    "`Authorization: Bearer <token>`.",
+    "`Authorization: Bearer <token>`. An overloaded server answers 503 with `Retry-After` (seconds) at once. Score "
+    "responses name the sha256 of the weights that scored (`weights_sha256`, also in GET /version).",
     version="1.2",
 )
 app.add_middleware(GatewayMiddleware)

@@ -38,7 +38,7 @@ from rayapp.serve import wire
 
 logger = logging.getLogger(__name__)
 
-RETRY_STATUSES = (503,)
+RETRY_STATUSES = (429, 503)  # overloaded or no replica right now (Serve's backpressure_config may say 429)
 
 
 def request_chunks(sizes: list[int], max_items: int, max_bytes: int) -> list[tuple[int, int]]:
