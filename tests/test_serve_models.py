@@ -1,6 +1,7 @@
 """Several models behind one endpoint: configured scorers picked by `model`, and multiplexed user checkpoints."""
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -107,6 +108,8 @@ def test_user_checkpoints_load_on_first_use_and_are_evicted_past_n(serve_app):
                              json={"prompt": prompt, "images": [b64(i) for i in images], "model": name})
         assert resp.status_code == 200, resp.text
         assert resp.json()["model"] == name
+        weights = (root / name / "model.safetensors").read_bytes()
+        assert resp.json()["weights_sha256"] == hashlib.sha256(weights).hexdigest()  # the checkpoint's own digest
         np.testing.assert_allclose(resp.json()["scores"], expected, rtol=1e-4, atol=1e-5)
         loaded = _scorer_handle(name).loaded_user_models.remote().result(timeout_s=60)
         assert name in loaded and len(loaded) <= SERVE_TEST_MAX_USER_MODELS, loaded

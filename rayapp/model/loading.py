@@ -160,3 +160,10 @@ def load(name_or_path: str | os.PathLike = "ImageReward-v1.0", *, device: str | 
     weights, med = _locate(name_or_path, med_config, download_root)
     model = _load_pretrained(weights, tokenizer) if med is None else _load_official(weights, med, tokenizer)
     return model.ready_for_inference(device, dtype)
+
+
+def weights_file(name_or_path: str | os.PathLike = "ImageReward-v1.0", *,
+                 download_root: str | os.PathLike | None = None) -> Path:
+    """The file `load` reads the weights from: a `save_pretrained` dir's model.safetensors, or the official .pt."""
+    weights, med = _locate(name_or_path, None, download_root)
+    return weights / ckpt.PRETRAINED_WEIGHTS if med is None else weights

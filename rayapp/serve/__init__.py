@@ -1,10 +1,10 @@
 """Ray Serve reward endpoint: `app.build_app` (deployments); `client.RewardClient` / `client.AsyncRewardClient`
-/ `client.make_reward_fn` (HTTP clients, no Ray needed)."""
+/ `client.make_reward_fn` / `client.make_ddpo_reward_fn` / `client.compute_score` (HTTP clients, no Ray needed)."""
 from __future__ import annotations
 
-__all__ = ["AsyncRewardClient", "RewardClient", "build_app", "make_reward_fn"]
+__all__ = ["AsyncRewardClient", "RewardClient", "build_app", "compute_score", "make_ddpo_reward_fn", "make_reward_fn"]
 
-_CLIENT = {"RewardClient", "AsyncRewardClient", "make_reward_fn"}
+_CLIENT = {"RewardClient", "AsyncRewardClient", "compute_score", "make_ddpo_reward_fn", "make_reward_fn"}
 
 
 def __getattr__(name: str):

@@ -4,6 +4,7 @@
 import asyncio
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,7 @@ from importlib import resources
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError
@@ -18,6 +20,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+import rayapp
 from rayapp.model.images import crop_uint8
 from rayapp.model.scoring import rank_from_scores
 from rayapp.serve import gateway, inputs, wire
@@ -35,18 +38,29 @@ from rayapp.serve.schemas import (
     ModelsResponse,
     PairsResponse,
     ScoreResponse,
+    VersionResponse,
 )
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE = (RayActorError, BackPressureError, DeploymentUnavailableError)
+# A replica being replaced or not yet up: retried briefly in the ingress, then 503 + Retry-After.
+REPLICA_GONE = (RayActorError, DeploymentUnavailableError)
+RETRY_AFTER_S = 1  # Retry-After of 503s when the deployment's backpressure_config names none
 USER_INFO_CACHE = 256  # image sizes of user checkpoints remembered by the ingress
+# A 2x2 PNG, valid as it stands: the request examples of the OpenAPI can be sent from /docs.
+EXAMPLE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8ISfHwMDAxMDAwMDAAAANBAEIfXHKZgAAAABJR"
+               "U5ErkJggg==")
+EXAMPLES = {
+    inputs.ScoreRequest: {"prompt": "a red car on a country road", "images": [EXAMPLE_PNG, EXAMPLE_PNG]},
+    inputs.ScorePairsRequest: {"prompts": ["a red car", "a cat on a sofa"], "images": [EXAMPLE_PNG, EXAMPLE_PNG]},
+    inputs.AnnotateRequest: {"prompt": "a red car", "image": EXAMPLE_PNG},
+}
 
 
 def _body_doc(schema: type, files: dict, binary: bool = False) -> dict:
     """OpenAPI for a route that takes JSON (base64 images), multipart uploads, or the binary pairs body."""
     content = {
-        "application/json": {"schema": schema.model_json_schema()},
+        "application/json": {"schema": schema.model_json_schema(), "example": EXAMPLES[schema]},
         "multipart/form-data": {"schema": {"type": "object", "properties": {**files, "model": _TEXT}}},
     }
     if binary:
@@ -65,14 +79,40 @@ app = FastAPI(
     description="Human-preference reward scores for text-to-image generations. Images are sent inline "
     "(base64 JSON, multipart, or the length-prefixed binary body of /v1/score_batch); the server never fetches "
     "URLs. Every error body is `{detail, field, request_id}`. When the server has a token, /v1 routes need "
-    "`Authorization: Bearer <token>`.",
-    version="1.1",
+    "`Authorization: Bearer <token>`. An overloaded server answers 503 with `Retry-After` (seconds) at once. Score "
+    "responses name the sha256 of the weights that scored (`weights_sha256`, also in GET /version).",
+    version="1.2",
 )
 app.add_middleware(GatewayMiddleware)
 
 
-def _error(status: int, detail: str, field: str | None) -> JSONResponse:
-    return JSONResponse({"detail": detail, "field": field, "request_id": gateway.REQUEST_ID.get()}, status_code=status)
+def _openapi() -> dict:
+    """FastAPI's schema plus the bearer token that /v1 routes need when the server has one."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema.setdefault("components", {})["securitySchemes"] = {"bearerAuth": {
+            "type": "http", "scheme": "bearer",
+            "description": "the server's token (args.auth); required on /v1 routes when the server has one"}}
+        for path, operations in schema["paths"].items():
+            if path.startswith("/v1"):
+                for operation in operations.values():
+                    operation["security"] = [{"bearerAuth": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+
+
+def _error(status: int, detail: str, field: str | None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "field": field, "request_id": gateway.REQUEST_ID.get()}, status_code=status,
+                        headers=headers)
+
+
+def unavailable(detail: str, retry_after_s: float | None = None) -> HTTPException:
+    """A 503 that tells the client when to come back (Retry-After, whole seconds)."""
+    seconds = RETRY_AFTER_S if retry_after_s is None else max(1, math.ceil(retry_after_s))
+    return HTTPException(503, detail, headers={"Retry-After": str(seconds)})
 
 
 @app.exception_handler(InputError)
@@ -83,8 +123,10 @@ async def _input_error(request: Request, err: InputError) -> JSONResponse:
 
 
 @app.exception_handler(HTTPException)
-async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
-    return _error(err.status_code, str(err.detail), None)
+async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
+    if err.status_code == 503:
+        get_metrics().reject("overload", gateway.route_path(request.scope))
+    return _error(err.status_code, str(err.detail), None, err.headers)
 
 
 @app.exception_handler(Exception)
@@ -135,16 +177,28 @@ class RewardAPI:
 
     # ---- the model deployment ------------------------------------------------------------------
     async def _model_info(self, refresh: bool = False) -> dict:
+        """The model deployment's info; when it is overloaded or briefly gone, the last answer (if any)."""
         if self._info is None or refresh:
-            self._info = await self._call(self.scorer.info)
+            try:
+                self._info = await self._call(self.scorer.info)
+            except HTTPException:
+                if self._info is None:
+                    raise
         return self._info
 
     async def _call(self, method, *args):
-        """Call the model deployment, retrying while a dead replica is being replaced (scoring is idempotent)."""
+        """Call the model deployment, retrying while a dead replica is being replaced (scoring is idempotent).
+
+        A full queue (the deployment's max_queued_requests) is answered at once with 503 + Retry-After: the
+        client, not this replica, waits.
+        """
         for attempt in range(4):
             try:
                 return await method.remote(*args)
-            except RETRYABLE:
+            except BackPressureError as err:
+                raise unavailable("the model's request queue is full; retry after the Retry-After seconds",
+                                  getattr(err, "retry_after_s", None)) from None
+            except REPLICA_GONE:
                 if attempt == 3:
                     break
                 await asyncio.sleep(0.5 * (attempt + 1))
@@ -152,7 +206,7 @@ class RewardAPI:
                 raise InputError(404, "model", _cause_message(err), "model") from None
             except ModelLoadError as err:
                 raise InputError(422, "model", _cause_message(err), "model") from None
-        raise HTTPException(503, "no model replica available; retry shortly")
+        raise unavailable("no model replica available; retry after the Retry-After seconds")
 
     async def _resolve(self, requested: str | None) -> tuple[str | None, dict, DeploymentHandle]:
         """(model id to send, its info, the handle to call): configured models, or a multiplexed checkpoint."""
@@ -308,7 +362,8 @@ class RewardAPI:
         return {
             "model": result["model"], "scores": result["scores"], "ranking": rank_from_scores(result["scores"]),
             "truncated_prompt": result["truncated"][0], "batch_size": result["batch_size"],
-            "batch_requests": result["batch_requests"], "request_id": gateway.REQUEST_ID.get(),
+            "batch_requests": result["batch_requests"], "weights_sha256": result["weights_sha256"],
+            "request_id": gateway.REQUEST_ID.get(),
         }
 
     async def _pairs_route(self, request: Request, route: str, most: int, binary: bool) -> dict:
@@ -329,7 +384,7 @@ class RewardAPI:
         return {
             "model": result["model"], "scores": result["scores"], "truncated_prompts": result["truncated"],
             "batch_size": result["batch_size"], "batch_requests": result["batch_requests"],
-            "request_id": gateway.REQUEST_ID.get(),
+            "weights_sha256": result["weights_sha256"], "request_id": gateway.REQUEST_ID.get(),
         }
 
     @app.post("/v1/score_pairs", response_model=PairsResponse, responses=ERROR_RESPONSES,
@@ -374,31 +429,54 @@ class RewardAPI:
         result = await self._call(handle.score, pixels, [prompt], model_id)
         score = result["scores"][0]
         png = await asyncio.to_thread(annotate_png, image, score)
-        return Response(png, media_type="image/png", headers={"X-ImageReward-Score": repr(score),
-                                                              "X-Model": result["model"]})
+        headers = {"X-ImageReward-Score": repr(score), "X-Model": result["model"]}
+        if result["weights_sha256"]:
+            headers["X-Weights-SHA256"] = result["weights_sha256"]
+        return Response(png, media_type="image/png", headers=headers)
 
     @app.get("/healthz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def healthz(self) -> JSONResponse:
         """200 when a model replica answers (never needs the token)."""
         try:
             info = await asyncio.wait_for(self.scorer.info.remote(), timeout=10)
+        except BackPressureError:
+            if self._info is None:
+                return JSONResponse({"status": "unavailable", "detail": "the model's request queue is full"},
+                                    status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+            # Replicas that fill their queue are alive: busy is healthy.
+            info = self._info
         except Exception as err:  # noqa: BLE001 -- any failure means not healthy
-            return JSONResponse({"status": "unavailable", "detail": str(err)[:200]}, status_code=503)
+            return JSONResponse({"status": "unavailable", "detail": str(err)[:200]}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
         return JSONResponse({"status": "ok", "model": info["default"], "models": [m["id"] for m in info["models"]]})
 
     @app.get("/v1/models", response_model=ModelsResponse, responses=ERROR_RESPONSES)
     async def models(self) -> dict:
-        """The served models (default first), their input sizes and batching, user checkpoints, request limits."""
+        """The served models (default first), their input sizes and batching, user checkpoints, request limits.
+
+        `object` and `data` are the OpenAI list shape (`GET /v1/models` of OpenAI-compatible servers).
+        """
         info = await self._model_info(refresh=True)
         models = [{**m, "default": m["id"] == info["default"]} for m in info["models"]]
         default = models[0]
         return {
+            "object": "list",
+            "data": [{"id": m["id"], "object": "model", "created": m["created"], "owned_by": "rayapp",
+                      "weights_sha256": m["weights_sha256"]} for m in models],
             "default": info["default"], "models": models,
             "batching": {k: default[k] for k in ("max_batch_size", "batch_wait_timeout_s")},
             "multiplex": info["multiplex"] and {k: info["multiplex"][k] for k in
                                                 ("max_models_per_replica", "max_batch_size", "batch_wait_timeout_s")},
             "limits": self.limits.public(), "auth_required": self.auth_required, "request_id": gateway.REQUEST_ID.get(),
         }
+
+    @app.get("/version", response_model=VersionResponse, responses=ERROR_RESPONSES)
+    async def version(self) -> dict:
+        """The rayapp version serving, and each configured model's weights digest (sha256 of the file as stored)."""
+        info = await self._model_info(refresh=True)
+        return {"version": rayapp.__version__, "api_version": app.version,
+                "models": [{k: m[k] for k in ("id", "weights_sha256", "weights_file")} for m in info["models"]],
+                "request_id": gateway.REQUEST_ID.get()}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:

@@ -5,6 +5,13 @@
   503 and dropped connections, large batches split and sent concurrently: RL trainers.
 - `make_reward_fn(url)`: `reward_fn(images, prompts) -> list[float]` for synchronous training loops, running an
   AsyncRewardClient on its own event-loop thread.
+- `make_ddpo_reward_fn(url)`: `reward_fn(images, prompts, metadata) -> (scores, info)`, the reward-function shape
+  of ddpo-pytorch and flow_grpo (scores a float32 numpy array; info names the model and its weights digest).
+- `await AsyncRewardClient(url).compute_score(images, prompts, metadata)` (or the one-shot `compute_score(url,
+  ...)`): the same `(scores, info)` for trainers that await their rewards.
+
+Every client retries 503s a bounded number of times, waiting at least the server's `Retry-After` seconds, then
+raises `RewardServiceError` saying how often it tried.
 
 Images may be paths, encoded bytes, PIL images, numpy arrays or tensors (HWC uint8, or float in [0, 1],
 CHW accepted; a 4-D batch is split along its first axis). Arrays are sent as PNG, so the server scores
@@ -31,7 +38,7 @@ from rayapp.serve import wire
 
 logger = logging.getLogger(__name__)
 
-RETRY_STATUSES = (503,)
+RETRY_STATUSES = (429, 503)  # overloaded or no replica right now (Serve's backpressure_config may say 429)
 
 
 def request_chunks(sizes: list[int], max_items: int, max_bytes: int) -> list[tuple[int, int]]:
@@ -121,10 +128,24 @@ def _error_from(status: int, body: bytes) -> RewardServiceError:
         return RewardServiceError(status, text)
 
 
+MAX_RETRY_WAIT_S = 30.0
+
+
 def _backoff(attempt: int, base: float, retry_after: str | None) -> float:
-    if retry_after and retry_after.isdigit():
-        return min(float(retry_after), 30.0)
-    return base * (2**attempt) * (0.5 + random.random())
+    """Seconds before the next try: Retry-After plus up to as much again (so refused clients spread out), else
+    exponential backoff with jitter."""
+    if retry_after and retry_after.strip().isdigit():
+        return min(float(retry_after) * (1.0 + random.random()), MAX_RETRY_WAIT_S)
+    return min(base * (2**attempt) * (0.5 + random.random()), MAX_RETRY_WAIT_S)
+
+
+def _gave_up(status: int, body: bytes, tries: int) -> RewardServiceError:
+    """The last 503 as an error that says the client retried and stopped."""
+    err = _error_from(status, body)
+    if tries > 1:
+        err = RewardServiceError(status, f"{err.detail} (gave up after {tries} tries, honouring Retry-After)",
+                                 err.field, err.request_id)
+    return err
 
 
 # ------------------------------------------------------------------------------------------ sync client
@@ -160,6 +181,8 @@ class RewardClient:
                 if err.code in RETRY_STATUSES and attempt < self.max_retries:
                     time.sleep(_backoff(attempt, self.retry_backoff_s, err.headers.get("Retry-After")))
                     continue
+                if err.code in RETRY_STATUSES:
+                    raise _gave_up(err.code, err.read(), attempt + 1) from None
                 raise _error_from(err.code, err.read()) from None
         raise AssertionError("unreachable")
 
@@ -218,7 +241,7 @@ class AsyncRewardClient:
     """asyncio client on a pooled httpx connection pool; use `async with AsyncRewardClient(url) as client:`."""
 
     def __init__(self, base_url: str, *, token: str | None = None, model: str | None = None, timeout: float = 120.0,
-                 connect_timeout: float = 10.0, max_connections: int = 32, max_retries: int = 3,
+                 connect_timeout: float = 10.0, max_connections: int = 32, max_retries: int = 6,
                  retry_backoff_s: float = 0.5, max_pairs_per_request: int | None = None):
         import httpx
 
@@ -246,7 +269,7 @@ class AsyncRewardClient:
         await self._http.aclose()
 
     async def _send(self, method: str, path: str, **kwargs):
-        """One request, retried (bounded, with backoff) on 503 and on connections dropped before an answer."""
+        """One request, retried (bounded; Retry-After, else backoff) on 503 and on connections dropped unanswered."""
         import httpx
 
         for attempt in range(self.max_retries + 1):
@@ -261,6 +284,8 @@ class AsyncRewardClient:
             if resp.status_code in RETRY_STATUSES and attempt < self.max_retries:
                 await asyncio.sleep(_backoff(attempt, self.retry_backoff_s, resp.headers.get("retry-after")))
                 continue
+            if resp.status_code in RETRY_STATUSES:
+                raise _gave_up(resp.status_code, resp.content, attempt + 1)
             if resp.status_code >= 400:
                 raise _error_from(resp.status_code, resp.content)
             return resp
@@ -278,8 +303,8 @@ class AsyncRewardClient:
             self._max_pairs = int((await self.models())["limits"]["max_batch_pairs"])
         return self._max_pairs
 
-    async def score_batch(self, prompts: Sequence[str], images: Any, model: str | None = None) -> list[float]:
-        """Reward of images[i] under prompts[i]; batches above the server's limit go as concurrent requests."""
+    async def score_batch_full(self, prompts: Sequence[str], images: Any, model: str | None = None) -> dict:
+        """Like score_batch, with what scored: {scores, model, weights_sha256: one digest per pair}."""
         images, prompts = as_image_list(images), list(prompts)
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images; they pair one to one")
@@ -287,14 +312,29 @@ class AsyncRewardClient:
         step = await self.max_pairs()
         params = {"model": model or self.model} if (model or self.model) else None
 
-        async def one(start: int) -> list[float]:
+        async def one(start: int) -> dict:
             body = wire.encode_pairs(prompts[start : start + step], encoded[start : start + step])
             resp = await self._send("POST", "/v1/score_batch", content=body, params=params,
                                     headers={"Content-Type": wire.CONTENT_TYPE})
-            return resp.json()["scores"]
+            return resp.json()
 
         parts = await asyncio.gather(*[one(start) for start in range(0, len(prompts), step)])
-        return [score for part in parts for score in part]
+        return {"scores": [score for part in parts for score in part["scores"]],
+                "model": parts[0].get("model") if parts else (model or self.model),
+                "weights_sha256": [part.get("weights_sha256") for part in parts for _ in part["scores"]]}
+
+    async def score_batch(self, prompts: Sequence[str], images: Any, model: str | None = None) -> list[float]:
+        """Reward of images[i] under prompts[i]; batches above the server's limit go as concurrent requests."""
+        return (await self.score_batch_full(prompts, images, model))["scores"]
+
+    async def compute_score(self, images: Any, prompts: Sequence[str], metadata: Any = None,
+                            model: str | None = None) -> tuple[Any, dict]:
+        """`(scores, info)` for RL trainers: scores a float32 numpy array in input order, info what scored them.
+
+        images: a [N, 3, H, W] float tensor in [0, 1] (a diffusion pipeline's output), [N, H, W, 3] uint8 numpy,
+        or a list of PIL images / arrays / paths. metadata (per-prompt dicts of the trainer) is not sent.
+        """
+        return _trainer_result(await self.score_batch_full(prompts, images, model))
 
     async def reward_fn(self, images: Any, prompts: Sequence[str]) -> list[float]:
         """RL-trainer shape: one reward per (image, prompt), in order."""
@@ -320,6 +360,23 @@ class AsyncRewardClient:
             return (await self._http.get("/healthz")).json().get("status") == "ok"
         except (httpx.HTTPError, ValueError):
             return False
+
+
+def _trainer_result(result: dict) -> tuple[Any, dict]:
+    """(float32 scores, info) from a score_batch_full result; info carries the model and its weights digest."""
+    import numpy as np
+
+    digests = list(dict.fromkeys(result["weights_sha256"]))
+    info = {"model": result["model"], "weights_sha256": digests[0] if digests else None,
+            "weights_sha256_all": digests}  # more than one only if the weights changed during this batch
+    return np.asarray(result["scores"], dtype=np.float32), info
+
+
+async def compute_score(base_url: str, images: Any, prompts: Sequence[str], metadata: Any = None,
+                        **client_options: Any) -> tuple[Any, dict]:
+    """One-shot `(scores, info)` over a fresh AsyncRewardClient (keep a client for a training loop instead)."""
+    async with AsyncRewardClient(base_url, **client_options) as client:
+        return await client.compute_score(images, prompts, metadata)
 
 
 # ------------------------------------------------------------------------------------ sync reward_fn
@@ -362,3 +419,19 @@ def make_reward_fn(base_url: str, **client_options: Any) -> RewardFunction:
     client_options go to AsyncRewardClient: token, model, timeout, max_connections, max_retries, ...
     """
     return RewardFunction(base_url, **client_options)
+
+
+class TrainerRewardFunction(RewardFunction):
+    """`reward_fn(images, prompts, metadata) -> (scores, info)`: the shape ddpo-pytorch and flow_grpo call."""
+
+    def __call__(self, images: Any, prompts: Sequence[str], metadata: Any = None) -> tuple[Any, dict]:
+        return self._run(self._client.compute_score(images, prompts, metadata))
+
+
+def make_ddpo_reward_fn(base_url: str, **client_options: Any) -> TrainerRewardFunction:
+    """A synchronous `reward_fn(images, prompts, metadata) -> (scores float32 numpy, info)` for ddpo-pytorch /
+    flow_grpo style trainers; info = {model, weights_sha256, weights_sha256_all}.
+
+    client_options go to AsyncRewardClient: token, model, timeout, max_connections, max_retries, ...
+    """
+    return TrainerRewardFunction(base_url, **client_options)

@@ -3,7 +3,8 @@
 Prometheus names carry Ray's `ray_` prefix (counters also `_total`): ray_rayapp_images_scored_total,
 ray_rayapp_score_bucket_total, ray_rayapp_rejections_total, ray_rayapp_preprocess_seconds_bucket,
 ray_rayapp_model_seconds_bucket, ray_rayapp_batch_images_bucket, ray_rayapp_batch_requests_bucket.
-deploy/grafana_rayapp_serve.json charts them.
+deploy/grafana/rayapp_serve_dashboard.json charts them next to Serve's own series (replica health, queues, HTTP
+status codes).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ SCORE_BOUNDARIES = [-4, -3, -2.5, -2, -1.5, -1, -0.5, -0.25, 0, 0.1, 0.2, 0.3, 0
 SECONDS_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 _BOUNDS = np.asarray(SCORE_BOUNDARIES, dtype=np.float64)
 _LABELS = [f"{b:g}" for b in SCORE_BOUNDARIES] + ["+Inf"]
-REJECTION_REASONS = ("size", "count", "pixels", "decode", "prompt", "format", "model", "auth")
+REJECTION_REASONS = ("size", "count", "pixels", "decode", "prompt", "format", "model", "auth", "overload")
 
 _METRICS: ServeMetrics | None = None
 
@@ -39,7 +40,8 @@ class ServeMetrics:
         # distribution is a cumulative counter per upper bound `le`: Prometheus' histogram_quantile reads it as is.
         self.score_buckets = Counter("rayapp_score_bucket", description="Scores returned that are <= le, per model "
                                      "(cumulative buckets of the score distribution).", tag_keys=app + ("model", "le"))
-        self.rejections = Counter("rayapp_rejections", description="Requests refused with a 4xx, by reason and route.",
+        self.rejections = Counter("rayapp_rejections", description="Requests refused with a 4xx (or a 503: "
+                                  "reason overload), by reason and route.",
                                   tag_keys=app + ("reason", "route"))
         self.preprocess_seconds = Histogram(
             "rayapp_preprocess_seconds", description="Ingress time to read, validate, decode and resize a request's "

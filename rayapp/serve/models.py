@@ -6,6 +6,7 @@ Names resolve through the one scorer registry (`rayapp.scorers`); URIs are fetch
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
@@ -58,7 +59,8 @@ def resolve_checkpoint(root: str, model_id: str) -> str:
 
 
 def load_checkpoint(root: str, model_id: str, device: str | None, dtype: str | None):
-    """An ImageReward user checkpoint (save_pretrained dir, ImageReward.pt or its dir) below `root`."""
+    """An ImageReward user checkpoint (save_pretrained dir, ImageReward.pt or its dir) below `root`, and its
+    weights identity (`weights_identity`)."""
     import rayapp
 
     location = resolve_checkpoint(root, model_id)
@@ -67,9 +69,55 @@ def load_checkpoint(root: str, model_id: str, device: str | None, dtype: str | N
     except FileNotFoundError:
         raise ModelNotFoundError(f"no checkpoint {model_id!r} under the checkpoint root") from None
     try:
-        return rayapp.load(local, device=device, dtype=dtype)
+        model = rayapp.load(local, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
         raise ModelLoadError(f"checkpoint {model_id!r} does not load: {err}") from None
+    return model, weights_identity(_weights_in(local))
+
+
+# ------------------------------------------------------------------------------------------- weights digest
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 8 << 20) -> str:
+    """Hex sha256 of a file's bytes as stored."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _weights_in(location: str) -> Path | None:
+    """The weights file of a local checkpoint: the file itself, or a directory's model.safetensors / .pt."""
+    from rayapp.model.checkpoint import OFFICIAL_WEIGHTS, PRETRAINED_WEIGHTS
+
+    path = Path(location)
+    if path.is_file():
+        return path
+    for name in (PRETRAINED_WEIGHTS, OFFICIAL_WEIGHTS):
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
+def weights_file(spec: ModelSpec) -> Path | None:
+    """The file a configured model's weights were read from; None for a baseline's published multi-file weights."""
+    if spec.source is not None:
+        local = storage.local_path(spec.source) if storage.is_uri(spec.source) else spec.source
+        found = _weights_in(local)
+        if found is not None or spec.scorer != "ImageReward":
+            return found
+    if spec.scorer == "ImageReward":
+        from rayapp.model.loading import weights_file as imagereward_weights
+
+        return imagereward_weights(spec.source or "ImageReward-v1.0", download_root=spec.options.get("download_root"))
+    weights = spec.options.get("weights")
+    return _weights_in(storage.local_path(weights) if storage.is_uri(weights) else weights) if weights else None
+
+
+def weights_identity(path: Path | None) -> dict:
+    """sha256 of the weights file (computed once, when a replica loads the model) and its mtime as `created`."""
+    if path is None:
+        return {"weights_sha256": None, "weights_file": None, "created": int(time.time())}
+    return {"weights_sha256": sha256_file(path), "weights_file": path.name, "created": int(path.stat().st_mtime)}
 
 
 # ------------------------------------------------------------------------------------------- runner
@@ -88,13 +136,15 @@ def describe(model) -> dict:
 class ModelRunner:
     """One scorer with its own dynamic batching queue (a `serve.batch` made for this instance)."""
 
-    def __init__(self, model_id: str, model, max_batch_size: int, batch_wait_timeout_s: float, metrics=None):
+    def __init__(self, model_id: str, model, max_batch_size: int, batch_wait_timeout_s: float, metrics=None,
+                 identity: dict | None = None):
         from ray import serve
 
         self.model_id = model_id
         self.model = model
         self.metrics = metrics
         self.details = describe(model)
+        self.identity = identity or weights_identity(None)
         self._max_batch_size = int(max_batch_size)
         self.forward_seconds = 0.0  # totals since start: what benchmarks/serve_load.py reads to place the time
         self.images_scored = 0
@@ -121,7 +171,7 @@ class ModelRunner:
 
     def info(self) -> dict:
         """What the ingress needs to preprocess and what /v1/models reports for this model."""
-        return {"id": self.model_id, **self.details, "max_batch_size": self.max_batch_size,
+        return {"id": self.model_id, **self.details, **self.identity, "max_batch_size": self.max_batch_size,
                 "batch_wait_timeout_s": self.batch_wait_timeout_s,
                 "stats": {"forward_seconds": self.forward_seconds, "images": self.images_scored,
                           "batches": self.batches}}
@@ -140,6 +190,7 @@ class ModelRunner:
             "truncated": truncated,
             "batch_size": max(part["batch_size"] for part in parts),
             "batch_requests": max(part["batch_requests"] for part in parts),
+            "weights_sha256": self.identity["weights_sha256"],
         }
 
     def _truncated(self, prompts: list[str]) -> list[bool]:

@@ -1,6 +1,8 @@
 """Typed HTTP responses (they are the OpenAPI schema at /openapi.json) and the one error shape."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from rayapp.serve.limits import ServeLimits
@@ -27,6 +29,7 @@ class ScoreResponse(_Response):
     truncated_prompt: bool = Field(description="the prompt was longer than the model's token limit and was cut")
     batch_size: int = Field(description="images in the largest forward pass this request rode in")
     batch_requests: int = Field(description="requests merged into that forward pass")
+    weights_sha256: str | None = Field(description="sha256 of the weights file that scored (GET /version)")
 
 
 class PairsResponse(_Response):
@@ -37,6 +40,7 @@ class PairsResponse(_Response):
     truncated_prompts: list[bool]
     batch_size: int
     batch_requests: int
+    weights_sha256: str | None = Field(description="sha256 of the weights file that scored (GET /version)")
 
 
 class ModelInfo(BaseModel):
@@ -53,6 +57,21 @@ class ModelInfo(BaseModel):
     dtype: str
     max_batch_size: int
     batch_wait_timeout_s: float
+    weights_sha256: str | None = Field(description="sha256 of the weights file as stored; None for a baseline's "
+                                                   "published multi-file weights")
+    weights_file: str | None = Field(description="name of that file: model.safetensors, ImageReward.pt, ...")
+    created: int = Field(description="Unix time of the weights file (its mtime)")
+
+
+class OpenAIModel(BaseModel):
+    """One entry of the OpenAI-style model list."""
+
+    model_config = ConfigDict(protected_namespaces=())
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time of the weights file")
+    owned_by: str = "rayapp"
+    weights_sha256: str | None
 
 
 class MultiplexInfo(BaseModel):
@@ -71,14 +90,36 @@ class Batching(BaseModel):
 
 
 class ModelsResponse(_Response):
-    """GET /v1/models: the models, the default first, with the request limits."""
+    """GET /v1/models: the models, the default first, with the request limits.
 
+    `object` and `data` are the OpenAI list shape; the other fields carry rayapp's details.
+    """
+
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
     default: str
     models: list[ModelInfo]
     batching: Batching
     multiplex: MultiplexInfo | None
     limits: ServeLimits
     auth_required: bool
+
+
+class ModelVersion(BaseModel):
+    """A configured model's weights identity."""
+
+    model_config = ConfigDict(protected_namespaces=())
+    id: str
+    weights_sha256: str | None = Field(description="sha256 of the weights file as stored")
+    weights_file: str | None = Field(description="model.safetensors, ImageReward.pt, ...")
+
+
+class VersionResponse(_Response):
+    """GET /version: what is serving, for reproducible RL runs."""
+
+    version: str = Field(description="the rayapp package version")
+    api_version: str = Field(description="version of this HTTP API (the OpenAPI info.version)")
+    models: list[ModelVersion]
 
 
 class HealthResponse(BaseModel):
@@ -91,8 +132,9 @@ class HealthResponse(BaseModel):
     detail: str | None = None
 
 
+RETRY_AFTER_HEADER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 ERROR_RESPONSES = {
-    status: {"model": ErrorResponse, "description": text}
+    status: {"model": ErrorResponse, "description": text, **({"headers": RETRY_AFTER_HEADER} if status == 503 else {})}
     for status, text in {
         400: "malformed body (invalid JSON, bad multipart)",
         401: "missing or wrong bearer token (when the server requires one)",
@@ -100,6 +142,6 @@ ERROR_RESPONSES = {
         413: "too many images, or an image or the body larger than the limits",
         415: "unsupported Content-Type",
         422: "a field is missing or invalid, an image does not decode or has too many pixels",
-        503: "no model replica available right now; retry",
+        503: "overloaded (the model's queue is full) or no model replica right now; retry after Retry-After",
     }.items()
 }

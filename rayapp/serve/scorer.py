@@ -17,6 +17,8 @@ from rayapp.serve.models import (
     ModelRunner,
     load_checkpoint,
     load_spec,
+    weights_file,
+    weights_identity,
 )
 from rayapp.serve.replica_logs import attach_to_serve_logs
 
@@ -43,10 +45,22 @@ def _check_batching(where: str, values: dict) -> dict:
     return out
 
 
+def _identity(spec: ModelSpec) -> dict:
+    """The configured model's weights digest; a file that cannot be found or read leaves it None (logged)."""
+    try:
+        return weights_identity(weights_file(spec))
+    except (OSError, ValueError) as err:
+        logger.warning("no weights digest for model %s: %s", spec.id, err)
+        return weights_identity(None)
+
+
 @serve.deployment(
     name="RewardScorer",
     # Enough queued requests per replica to fill a batch while the previous one runs.
     max_ongoing_requests=64,
+    # Requests waiting for a free replica, per caller; past it the ingress answers 503 + Retry-After at once.
+    max_queued_requests=128,
+    backpressure_config={"retry_after_s": 1},
     ray_actor_options={"num_cpus": 1},
     user_config=DEFAULT_BATCHING,
 )
@@ -71,9 +85,11 @@ class RewardScorer:
         self.runners: dict[str, ModelRunner] = {}
         for spec in specs:
             model = load_spec(spec, device, dtype)
+            identity = _identity(spec)
             self.runners[spec.id] = ModelRunner(spec.id, model, self.batching["max_batch_size"],
-                                                self.batching["batch_wait_timeout_s"], self.metrics)
-            logger.info("loaded model %s (%s from %s)", spec.id, spec.scorer, spec.source or "its default weights")
+                                                self.batching["batch_wait_timeout_s"], self.metrics, identity)
+            logger.info("loaded model %s (%s from %s, weights sha256 %s)", spec.id, spec.scorer,
+                        spec.source or "its default weights", identity["weights_sha256"])
         self.multiplex = MultiplexConfig.model_validate(multiplex) if multiplex else None
         self.user_runners: OrderedDict[str, ModelRunner] = OrderedDict()
         if self.multiplex:
@@ -83,9 +99,9 @@ class RewardScorer:
 
     def _user_loader(self):
         async def load_user_checkpoint(model_id: str) -> ModelRunner:
-            model = await asyncio.to_thread(load_checkpoint, self.multiplex.checkpoint_root, model_id,
-                                            self.device, self.dtype)
-            runner = _EvictableRunner(self, model_id, model)
+            model, identity = await asyncio.to_thread(load_checkpoint, self.multiplex.checkpoint_root, model_id,
+                                                      self.device, self.dtype)
+            runner = _EvictableRunner(self, model_id, model, identity)
             self.user_runners[model_id] = runner
             logger.info("loaded user checkpoint %s (%d of at most %d in this replica)", model_id,
                         len(self.user_runners), self.multiplex.max_models_per_replica)
@@ -151,9 +167,10 @@ class RewardScorer:
 class _EvictableRunner(ModelRunner):
     """A user checkpoint's runner; when Serve's LRU evicts it, it leaves the replica's list and frees memory."""
 
-    def __init__(self, owner: RewardScorer, model_id: str, model):
+    def __init__(self, owner: RewardScorer, model_id: str, model, identity: dict):
         settings = owner.batching
-        super().__init__(model_id, model, settings["max_batch_size"], settings["batch_wait_timeout_s"], owner.metrics)
+        super().__init__(model_id, model, settings["max_batch_size"], settings["batch_wait_timeout_s"], owner.metrics,
+                         identity)
         self._owner = owner
 
     def close(self) -> None:
