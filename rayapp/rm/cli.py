@@ -64,7 +64,7 @@ def report_held_out_accuracy(result) -> None:
     """Pairwise accuracy of the exported model on the data set's test split, if it has one."""
     import rayapp
     from rayapp.data.storage import is_uri
-    from rayapp.rm.driver import count_split_pairs
+    from rayapp.rm.driver import count_split_pairs, write_run_card
     from rayapp.rm.evaluation import pairwise_accuracy
 
     test_dir = f"{result.plan.data_dir.rstrip('/')}/test"
@@ -77,6 +77,7 @@ def report_held_out_accuracy(result) -> None:
     kinds = ", ".join(f"{k[9:]} {v:.3f}" for k, v in scores.items() if k.startswith("accuracy_"))
     logger.info("held-out pairwise accuracy %.3f on %d pairs (%s)", scores["accuracy"], scores["pairs"], kinds)
     (Path(result.model_dir).parent / "test_accuracy.json").write_text(json.dumps(scores, indent=2) + "\n")
+    write_run_card(result, {f"test_{key}": value for key, value in scores.items()})
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
