@@ -63,7 +63,7 @@ def model_card(model_config: dict, *, repo_id: str | None = None, metrics: dict 
         "---", data.to_yaml(), "---", "",
         f"# {repo_id.split('/')[-1] if repo_id else 'ImageReward reward model'}", "",
         "An ImageReward text-to-image human-preference reward model (BLIP encoders and an MLP head; "
-        f"{size}), trained and exported with [rayapp](https://pypi.org/project/rayapp/)."
+        f"{size}), trained and exported with rayapp (ImageReward on Ray)."
         + (f" Fine-tuned from [{base_model}](https://huggingface.co/{base_model})." if base_model else ""), "",
         "```python", "import rayapp", "", f'model = rayapp.load("{name}")   # or "hf://{name}"',
         'model.score("a red circle", ["a.png", "b.png"])  # one reward per image, higher is preferred', "```", "",
