@@ -41,15 +41,21 @@ def test_shipped_serve_configs_are_the_repository_ones():
     assert not differing, f"{differing} differ: cp serve_configs/*.yaml rayapp/serve/configs/"
 
 
+def run_checked(*args, timeout: float) -> str:
+    """Run a setup step; a failure shows its output."""
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, f"{' '.join(map(str, args))} -> {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
 def build_wheel(out: Path) -> Path:
     """`pip wheel` of a copy of the package sources (the build writes build/ and *.egg-info beside them)."""
     source = out / "src"
     shutil.copytree(REPO_ROOT / "rayapp", source / "rayapp", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in PACKAGE_FILES:
         shutil.copy2(REPO_ROOT / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                    "--disable-pip-version-check", "-w", str(out / "dist"), str(source)],
-                   check=True, capture_output=True, timeout=300)
+    run_checked(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                "--disable-pip-version-check", "-w", out / "dist", source, timeout=300)
     (wheel,) = (out / "dist").glob("rayapp-*.whl")
     return wheel
 
@@ -57,13 +63,12 @@ def build_wheel(out: Path) -> Path:
 def make_venv(root: Path, wheel: Path) -> Path:
     """A virtualenv with the wheel installed and this environment's packages (not its rayapp) importable."""
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    run_checked(sys.executable, "-m", "venv", "--without-pip", venv, timeout=120)
     python = venv / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    site = run_checked(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", timeout=60).strip()
     (Path(site) / "_rayapp_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-                    "--disable-pip-version-check", str(wheel)], check=True, capture_output=True, timeout=300)
+    run_checked(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q",
+                "--disable-pip-version-check", wheel, timeout=300)
     return venv
 
 
