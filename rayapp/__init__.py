@@ -1,9 +1,10 @@
 """rayapp: ImageReward, the text-to-image human-preference reward model, on Ray.
 
     import rayapp
-    model = rayapp.load("ImageReward-v1.0")          # or a local ImageReward.pt / saved directory
+    model = rayapp.load("ImageReward-v1.0")          # or a local ImageReward.pt / saved directory / owner/repo
     model.score("a red circle", ["a.png", "b.png"])   # -> [0.31, -1.2]
     ranking, rewards = model.inference_rank("a red circle", ["a.png", "b.png"])
+    model.push_to_hub("me/my-reward-model")          # weights, config, tokenizer and a model card
 
 Attributes are imported on first use so that `import rayapp` stays light (no torch, no Ray).
 """
@@ -18,6 +19,7 @@ _LAZY = {
     "ImageReward": "rayapp.model.modeling",
     "RewardModelConfig": "rayapp.model.config",
     "load_score": "rayapp.scorers",
+    "push_to_hub": "rayapp.model.hub",
 }
 __all__ = sorted(_LAZY)  # noqa: PLE0605  (derived, so it cannot drift from _LAZY)
 

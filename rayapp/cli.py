@@ -1,31 +1,52 @@
-"""The `rayapp` command line; each sub-command is registered by its own module."""
+"""The `rayapp` command line (also `python -m rayapp`); each sub-command is registered by its own module.
+
+Only the chosen sub-command's module is imported (the training commands build their flags from configs that
+import torch), so `rayapp --help` and `rayapp data ...` stay quick.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-# sub-command -> module exposing `register(subparsers)`; modules keep heavy imports inside their handlers.
+# sub-command -> (module exposing `register(subparsers)`, one-line help for the command list).
 COMMANDS = {
-    "score": "rayapp.score_cli",
-    "data": "rayapp.data.cli",
-    "eval": "rayapp.eval.cli",
-    "generate": "rayapp.eval.generate",
+    "score": ("rayapp.score_cli", "score images against a prompt"),
+    "data": ("rayapp.data.cli", "comparison data: convert to Parquet shards, make a synthetic set, stats"),
+    "eval": ("rayapp.eval.cli", "benchmarks: preference accuracy + Recall/Filter@K, generator ranking"),
+    "generate": ("rayapp.eval.generate", "generate with diffusers, score with ImageReward, filter, sort, save"),
+    "train-rm": ("rayapp.rm.cli", "train the reward model (Ray Train + DeepSpeed)"),
+    "refl": ("rayapp.refl.cli", "ReFL: fine-tune Stable Diffusion against a reward model"),
+    "score-dataset": ("rayapp.eval.score_dataset", "score an image collection with Ray Data into Parquet"),
+    "serve": ("rayapp.serve.cli", "run a Ray Serve reward endpoint from a shipped or own config (like `serve run`)"),
+    "offline-pipeline": ("rayapp.offline_pipeline", "the offline end-to-end job: RM -> Serve -> ReFL"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `rayapp` parser with every sub-command this install has."""
-    parser = argparse.ArgumentParser(prog="rayapp", description="ImageReward on Ray: score, data, eval, generate.")
+def chosen_command(argv: list[str]) -> str | None:
+    """The sub-command named on the command line (the first word that is not a top-level flag), if any."""
+    word = next((arg for arg in argv if not arg.startswith("-")), None)
+    return word if word in COMMANDS else None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `rayapp` parser: every sub-command listed, the one named in `argv` with all its flags."""
+    parser = argparse.ArgumentParser(prog="rayapp", description="ImageReward on Ray: score, data, train-rm, refl, "
+                                     "score-dataset, serve, eval, generate.")
     parser.add_argument("--verbose", action="store_true",
                         help="debug lines from rayapp and the INFO chatter of Ray, transformers, ... (default: off)")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module_name in COMMANDS.values():
+    chosen = chosen_command(sys.argv[1:] if argv is None else argv)
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name != chosen:
+            subparsers.add_parser(name, help=help_text)  # listed only; its flags are read when it is chosen
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
             if err.name and err.name.startswith("rayapp"):
-                continue  # a sub-command whose module is not part of this install
+                parser.error(f"the {name!r} command is not part of this install ({err.name} is missing)")
             raise
         module.register(subparsers)
     return parser
@@ -35,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one sub-command; bad input ends with a one-line message and exit status 2."""
     from rayapp.logs import setup_logging
 
-    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser(argv).parse_args(argv)
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)

@@ -138,28 +138,27 @@ def save_config(config, path: str | Path) -> None:
     Path(path).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
 
 
-def parse_config(cls: type, argv: list[str] | None, *, presets: dict[str, dict], default_preset: str,
-                 description: str, extra: typing.Callable[[argparse.ArgumentParser], None] | None = None):
-    """Parse a job's command line into (config, namespace of the job's own extra flags).
-
-    `presets` maps a preset name to its field values; the chosen preset name is kept in the config's
-    `preset` field when the class has one.
-    """
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_job_arguments(parser: argparse.ArgumentParser, cls: type, *, presets: dict[str, dict], default_preset: str,
+                      extra: typing.Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """A job's flags on `parser`: --preset, --config, --verbose, the job's own (`extra`), one per config field."""
     parser.add_argument("--preset", choices=sorted(presets), default=None,
                         help=f"named defaults (data, not code); default: {default_preset}, or the `preset` "
                              "named in --config")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="YAML or JSON file of field values (e.g. the config.json of an earlier run); "
                              "flags typed here override it")
-    parser.add_argument("--verbose", action="store_true",
+    # SUPPRESS: under `rayapp --verbose train-rm` the sub-command must not reset the top-level flag to False.
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="let Ray, Ray Data, Ray Train and DeepSpeed log at INFO (off: warnings a user "
                              "cannot act on are hidden)")
     if extra is not None:
         extra(parser)
     add_config_arguments(parser, cls, presets[default_preset], f" (preset {default_preset})")
-    args = parser.parse_args(argv)
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cls: type, *,
+                     presets: dict[str, dict], default_preset: str):
+    """The config that `args` (parsed by a parser set up with `add_job_arguments`) resolve to."""
     names = {f.name for f in dataclasses.fields(cls)}
     try:
         file_values = read_config_file(args.config) if args.config else {}
@@ -172,10 +171,24 @@ def parse_config(cls: type, argv: list[str] | None, *, presets: dict[str, dict],
     if "preset" in names:
         values["preset"] = preset
     try:
-        config = config_from_dict(cls, values, source=args.config or "command line")
+        return config_from_dict(cls, values, source=args.config or "command line")
     except (TypeError, ValueError) as err:
         parser.error(str(err))
-    return config, args
+
+
+def parse_config(cls: type, argv: list[str] | None, *, presets: dict[str, dict], default_preset: str,
+                 description: str, extra: typing.Callable[[argparse.ArgumentParser], None] | None = None):
+    """Parse a job's command line into (config, namespace of the job's own extra flags).
+
+    `presets` maps a preset name to its field values; the chosen preset name is kept in the config's
+    `preset` field when the class has one.
+    """
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_job_arguments(parser, cls, presets=presets, default_preset=default_preset, extra=extra)
+    args = parser.parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
+    return config_from_args(parser, args, cls, presets=presets, default_preset=default_preset), args
 
 
 def load_presets(directory: Path) -> dict[str, dict]:

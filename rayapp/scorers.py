@@ -18,6 +18,7 @@ Spec text, one grammar wherever a scorer is named by a string:
     PATH         a save_pretrained directory (one with scorer.json is the scorer it records, any other an
                  ImageReward directory) or an official ImageReward .pt
     URI          an ImageReward checkpoint anywhere rayapp.data.storage fetches from (s3://, hf://, https://, ...)
+    OWNER/REPO   a Hugging Face repo (`OWNER/REPO/DIR`: a folder of it) that is not a local path: hf://OWNER/REPO
 """
 from __future__ import annotations
 
@@ -139,11 +140,14 @@ def parse_spec(text: str) -> ScorerRef:
         return ScorerRef(known, tiny=bool(sep))
     if storage.is_uri(text):
         return ScorerRef("ImageReward", source=text)
+    hub = storage.hub_uri(text)
+    if hub is not None:
+        return ScorerRef("ImageReward", source=hub)
     path = Path(text).expanduser()
     if path.exists():
         return ScorerRef((saved_scorer(path) if path.is_dir() else None) or "ImageReward", source=os.fspath(path))
     raise UnknownScorerError(f"{unknown_message(text)}; a spec may also be NAME:tiny, a saved scorer directory, "
-                             f"an ImageReward .pt file or a URI")
+                             f"an ImageReward .pt file, a hub repo owner/repo or a URI")
 
 
 def _is_device(value: Any) -> bool:

@@ -21,7 +21,9 @@ holding the file or directory under its own name and a `.complete` marker. It is
 sibling directory and renamed into place after the marker is written, under a per-entry file lock: a copy cut
 off half-way is never used (an entry without its marker is deleted and fetched again), and concurrent processes
 (two Serve replicas loading the same model) fetch once and share the result. `hf://owner/repo[/path]` is
-fetched by huggingface_hub into its own cache (already atomic and shared) instead.
+fetched by huggingface_hub into its own cache (already atomic and shared, honouring HF_HUB_CACHE and
+HF_HUB_OFFLINE) instead. Where a model is named (`rayapp.load`, scorer specs), a bare repo id
+`owner/repo[/path]` that is not an existing local path means `hf://owner/repo[/path]` (`hub_uri`).
 
 S3 credentials: when `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (and optionally `AWS_SESSION_TOKEN`,
 `AWS_ENDPOINT_URL[_S3]`, `AWS_REGION`) are set in the driver's environment, the filesystem is built with them
@@ -53,6 +55,8 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 # pyarrow error texts (AWS SDK error names) that mean "your credentials are wrong"
 _AUTH_MARKERS = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "InvalidAccessKeyId",
                  "SignatureDoesNotMatch", "AccessDenied", "403", "EXPIRED_TOKEN", "UNRECOGNIZED_CLIENT")
+# a hub repo id and an optional path inside it: owner/name[/dir...] (letters, digits, - _ .)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.+-]+)*/?$")
 _NO_BUCKET_MARKERS = ("NO_SUCH_BUCKET", "NoSuchBucket", "Bucket '", "bucket does not exist")
 
 
@@ -446,17 +450,37 @@ def download_file(url: str, target: str | os.PathLike) -> Path:
     return target
 
 
+def hub_uri(text: str | os.PathLike) -> str | None:
+    """`hf://owner/repo[/path]` for a Hugging Face repo id `owner/repo[/path]` that is not an existing local path;
+    None for anything else (a path, a URI, a bare name)."""
+    text = os.fspath(text)
+    if is_uri(text) or text.startswith(("/", ".", "~")) or os.path.exists(text) or not _REPO_ID.match(text):
+        return None
+    if any(part in ("", ".", "..") for part in text.rstrip("/").split("/")):
+        return None
+    return "hf://" + text.rstrip("/")
+
+
 def _hf_local(uri: str) -> str:
-    """`hf://owner/repo[/path]` from huggingface_hub's cache (a file, a directory, or the whole repo)."""
+    """`hf://owner/repo[/path]` from huggingface_hub's cache (a file, a directory, or the whole repo); offline
+    (HF_HUB_OFFLINE=1 or no network) the cached snapshot of `main` is used."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     owner, _, rest = uri[len("hf://"):].partition("/")
     repo, _, inside = rest.partition("/")
     inside = inside.strip("/")
     if not owner or not repo:
         raise ValueError(f"{uri}: expected hf://owner/repo[/path]")
-    local = Path(snapshot_download(repo_id=f"{owner}/{repo}",
-                                   allow_patterns=[inside, f"{inside}/*"] if inside else None))
+    try:
+        local = Path(snapshot_download(repo_id=f"{owner}/{repo}",
+                                       allow_patterns=[inside, f"{inside}/*"] if inside else None))
+    except LocalEntryNotFoundError as err:
+        raise FileNotFoundError(
+            f"{uri}: the hub repo {owner}/{repo} is not in the Hugging Face cache (HF_HUB_CACHE / HF_HOME) and "
+            f"cannot be downloaded (no network, or HF_HUB_OFFLINE is set); run once online ({err})") from err
+    except HfHubHTTPError as err:  # no such repo, gated, private without a token, ...
+        raise OSError(f"{uri}: the hub refused {owner}/{repo}: {err}") from err
     found = local / inside if inside else local
     if not found.exists():
         raise FileNotFoundError(f"{uri}: no {inside!r} in the hub repo {owner}/{repo}")

@@ -1,4 +1,5 @@
-"""The one factory (`create_model`) and the loader (`load`) for hub names, official files and our dirs."""
+"""The one factory (`create_model`) and the loader (`load`) for hub names and repos, URIs, official files and our
+dirs."""
 from __future__ import annotations
 
 import json
@@ -77,14 +78,30 @@ def _model_for_loading(config: RewardModelConfig, tokenizer: Any) -> ImageReward
         return ImageReward(config, tokenizer)
 
 
+def _fetch(key: str) -> Path | None:
+    """The local copy of a URI or hub repo id (`owner/repo[/dir]`, `hf://...`, `s3://...`); None for others."""
+    from rayapp.data import storage
+
+    if storage.is_uri(key):
+        return Path(storage.local_path(key))
+    uri = storage.hub_uri(key)
+    if uri is None:
+        return None
+    try:
+        return Path(storage.local_path(uri))
+    except OSError as err:  # a mistyped local path reads like a repo id: say both
+        raise type(err)(f"{key!r} is no local file or directory, and as a Hugging Face repo id: {err}") from err
+
+
 def _locate(name_or_path: str | os.PathLike, med_config: str | os.PathLike | dict | None,
             download_root: str | os.PathLike | None) -> tuple[Path, Path | dict | None]:
-    """(weights file or save_pretrained dir, med_config) for a known name, an official file, or a directory."""
+    """(weights file or save_pretrained dir, med_config) for a known name, a hub repo, a URI, an official file, or
+    a directory."""
     key = os.fspath(name_or_path)
-    path = Path(key).expanduser()
     if key in MODELS:
         weights, med_path = _download(key, os.fspath(download_root) if download_root else None)
         return weights, med_config if med_config is not None else med_path
+    path = _fetch(key) or Path(key).expanduser()
     if path.is_dir() and (path / ckpt.PRETRAINED_CONFIG).is_file():
         return path, None
     if path.is_dir() and (path / ckpt.OFFICIAL_WEIGHTS).is_file():
@@ -96,7 +113,8 @@ def _locate(name_or_path: str | os.PathLike, med_config: str | os.PathLike | dic
             f"{key}: directory holds neither {ckpt.PRETRAINED_CONFIG} (rayapp format) nor {ckpt.OFFICIAL_WEIGHTS}"
         )
     raise ValueError(
-        f"{key!r} is neither a known model ({', '.join(available_models())}) nor an existing file or directory"
+        f"{key!r} is neither a known model ({', '.join(available_models())}), an existing file or directory, a "
+        f"Hugging Face repo id (owner/repo[/dir]) nor a URI (hf://owner/repo[/dir], s3://, https://, ...)"
     )
 
 
@@ -153,7 +171,9 @@ def load(name_or_path: str | os.PathLike = "ImageReward-v1.0", *, device: str | 
     """Load a reward model in eval mode.
 
     name_or_path: a name in `available_models()` (downloaded into the Hugging Face cache, or
-    `download_root`), an official `ImageReward.pt`, a directory holding one, or a `save_pretrained` dir.
+    `download_root`), an official `ImageReward.pt`, a directory holding one, a `save_pretrained` dir, a hub
+    repo `owner/repo[/dir]` or `hf://owner/repo[/dir]` holding either layout (fetched into the Hugging Face
+    cache; HF_HUB_OFFLINE=1 uses the cached copy), or any URI `rayapp.data.storage` fetches (s3://, https://).
     device: defaults to CUDA when available. dtype: float32 (default), bfloat16 or float16 for the
     encoders; the head stays float32.
     """

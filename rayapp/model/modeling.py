@@ -207,3 +207,9 @@ class ImageReward(BatchScoringMixin, nn.Module):
 
         export_official(self, save_dir)
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload weights, config, tokenizer and a model card to the hub repo `repo_id` (see `hub.push_to_hub`)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+

@@ -186,7 +186,17 @@ def train_reward_model(config: RMTrainConfig, *, callbacks: Sequence[UpdateCallb
 
     `callbacks` are called on every rank before and after each update (see rayapp.runtime.callbacks).
     """
-    return rm_result(run_training(RMJob(), config, callbacks=callbacks, verbose=verbose))
+    result = rm_result(run_training(RMJob(), config, callbacks=callbacks, verbose=verbose))
+    write_run_card(result)
+    return result
+
+
+def write_run_card(result: RMTrainResult, extra_metrics: dict | None = None) -> None:
+    """The model card (README.md) beside the exported model: the run's metrics and resolved config."""
+    from rayapp.model.hub import base_model_of, write_model_card
+
+    write_model_card(result.model_dir, metrics={**result.metrics, **(extra_metrics or {})},
+                     run_config=result.config.to_dict(), base_model=base_model_of(result.config.init))
 
 
 def rm_result(run: TrainingRun) -> RMTrainResult:
