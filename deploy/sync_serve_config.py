@@ -1,7 +1,8 @@
-"""Copy serve_configs/rm.yaml into deploy/kuberay/rayservice.yaml's serveConfigV2, verbatim.
+"""Copy serve_configs/*.yaml to their packaged copies (rayapp/serve/configs/) and serve_configs/rm.yaml into
+deploy/kuberay/rayservice.yaml's serveConfigV2, verbatim.
 
-    python deploy/sync_serve_config.py          # after editing serve_configs/rm.yaml
-    python deploy/sync_serve_config.py --check  # exit 1 if they differ (tests/test_deploy.py checks the same)
+    python deploy/sync_serve_config.py          # after editing anything in serve_configs/
+    python deploy/sync_serve_config.py --check  # exit 1 if a copy differs (tests check the same)
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SERVE_CONFIG = REPO / "serve_configs" / "rm.yaml"
+SERVE_CONFIGS = REPO / "serve_configs"
+SERVE_CONFIG = SERVE_CONFIGS / "rm.yaml"
+PACKAGED = REPO / "rayapp" / "serve" / "configs"  # package data: `rayapp serve --config NAME` in an installed wheel
 RAYSERVICE = REPO / "deploy" / "kuberay" / "rayservice.yaml"
 KEY = "  serveConfigV2: |"
 INDENT = " " * 4
@@ -33,18 +36,24 @@ def render(manifest: str, serve_config: str) -> str:
     return "\n".join(lines[:start] + block + lines[end:]) + "\n"
 
 
+def wanted_files() -> dict[Path, str]:
+    """Every copy's path and the text it should hold."""
+    wanted = {PACKAGED / source.name: source.read_text() for source in sorted(SERVE_CONFIGS.glob("*.yaml"))}
+    wanted[RAYSERVICE] = render(RAYSERVICE.read_text(), SERVE_CONFIG.read_text())
+    return wanted
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only report whether the manifest is in sync")
+    parser.add_argument("--check", action="store_true", help="only report whether every copy is in sync")
     args = parser.parse_args()
-    current = RAYSERVICE.read_text()
-    wanted = render(current, SERVE_CONFIG.read_text())
+    stale = [path for path, text in wanted_files().items() if not path.is_file() or path.read_text() != text]
     if args.check:
-        if current != wanted:
-            print(f"{RAYSERVICE} is out of sync with {SERVE_CONFIG}; run python deploy/sync_serve_config.py")
-            return 1
-        return 0
-    RAYSERVICE.write_text(wanted)
+        for path in stale:
+            print(f"{path} is out of sync with {SERVE_CONFIGS}; run python deploy/sync_serve_config.py")
+        return 1 if stale else 0
+    for path, text in wanted_files().items():
+        path.write_text(text)
     return 0
 
 

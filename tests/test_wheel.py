@@ -33,12 +33,12 @@ TRAINING_STACK = ("deepspeed", "diffusers", "peft")
 
 def test_shipped_serve_configs_are_the_repository_ones():
     """rayapp/serve/configs (package data) and serve_configs/ (for `serve run serve_configs/...`) hold the same
-    files; after editing one: cp serve_configs/*.yaml rayapp/serve/configs/"""
+    files; after editing one: python deploy/sync_serve_config.py"""
     shipped = {p.name: p.read_text() for p in (REPO_ROOT / "rayapp" / "serve" / "configs").glob("*.yaml")}
     top = {p.name: p.read_text() for p in (REPO_ROOT / "serve_configs").glob("*.yaml")}
     assert shipped.keys() == top.keys() and "rm_cpu_local.yaml" in shipped
     differing = sorted(name for name in shipped if shipped[name] != top[name])
-    assert not differing, f"{differing} differ: cp serve_configs/*.yaml rayapp/serve/configs/"
+    assert not differing, f"{differing} differ: run python deploy/sync_serve_config.py"
 
 
 def run_checked(*args, timeout: float) -> str:
