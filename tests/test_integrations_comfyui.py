@@ -236,8 +236,13 @@ def test_comfyui_score_is_an_output_node(comfy, image_source, tiny_rm_dir):
     assert "2 images, best first" in text and run.outputs["3"][1] == [text]
 
 
-def test_comfyui_model_follows_model_management(comfy, image_source, tiny_rm_dir):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_comfyui_model_follows_model_management(comfy, tiny_rm_dir, monkeypatch, device):
+    import torch
+
     mm = comfy.mm
+    monkeypatch.setattr(mm, "torch_device", torch.device(device))  # what ComfyUI's get_torch_device() picked
     mm.unload_all_models()
     scorer = call_node(comfy, "RayappImageRewardLoader", model=str(tiny_rm_dir), device="auto",
                        dtype="float32")["imagereward"]
@@ -248,14 +253,15 @@ def test_comfyui_model_follows_model_management(comfy, image_source, tiny_rm_dir
     first = call_node(comfy, "RayappImageRewardScore", imagereward=scorer, images=batch, prompt=PROMPT)["scores"]
     (entry,) = mm.current_loaded_models
     assert entry.model is patcher and patcher.model.model_loaded_weight_memory == mm.module_size(patcher.model) > 0
-    assert {p.device for p in patcher.model.parameters()} == {mm.get_torch_device()}
+    assert {p.device.type for p in patcher.model.parameters()} == {device}
 
     # ComfyUI frees memory for another model: the reward model is offloaded with the others.
     mm.free_memory(mm.device_memory, mm.get_torch_device())
     assert mm.current_loaded_models == [] and patcher.model.model_loaded_weight_memory == 0
     assert patcher.model.device == mm.unet_offload_device()
+    assert {p.device.type for p in patcher.model.parameters()} == {"cpu"}
     again = call_node(comfy, "RayappImageRewardScore", imagereward=scorer, images=batch, prompt=PROMPT)["scores"]
-    assert again == first and mm.current_loaded_models[0].model is patcher
+    assert again == pytest.approx(first, abs=1e-4) and mm.current_loaded_models[0].model is patcher
     mm.unload_all_models()
 
 
