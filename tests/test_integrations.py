@@ -139,6 +139,12 @@ def test_sdwebui_in_process_refused_on_old_python_says_use_endpoint(sd, webui, t
     assert "serve run rayapp.serve.app:build_app" in result.comments and "mode to endpoint" in result.comments
 
 
+def test_sdwebui_older_webui_is_refused_with_the_supported_versions(sd, webui, tmp_path, monkeypatch):
+    monkeypatch.delattr(webui.scripts.ScriptRunner, "postprocess_image_after_composite")  # A1111 before 1.9
+    result = generate(webui, sd, make_p(webui, tmp_path))
+    assert "supports AUTOMATIC1111 v1.9.0 to v1.10.1" in result.comments and result.images == []
+
+
 def test_sdwebui_script_ui_and_settings(sd, webui):
     script = sd.Script()
     assert script.show(False) is webui.scripts.AlwaysVisible and script.show(True) is webui.scripts.AlwaysVisible

@@ -440,6 +440,14 @@ def assemble(processed, run: Run) -> None:
     processed.comments = f"{processed.comments}ImageReward ({run.scorer.where}): {'; '.join(notes)}.\n"
 
 
+def check_webui_version() -> None:
+    """Refuse a WebUI without the hook this script scores in (AUTOMATIC1111 before v1.9.0)."""
+    runner = getattr(scripts, "ScriptRunner", None)
+    if runner is not None and not hasattr(runner, "postprocess_image_after_composite"):
+        raise RuntimeError("ImageReward: this WebUI has no postprocess_image_after_composite script hook; the "
+                           "script supports AUTOMATIC1111 v1.9.0 to v1.10.1. Update the WebUI.")
+
+
 class Script(scripts.Script):
     """Score every image the WebUI generates; optionally filter and sort the result."""
 
@@ -472,6 +480,7 @@ class Script(scripts.Script):
             return
         # Settings and the scorer are checked before the first batch, so a mistake costs no generation time.
         try:
+            check_webui_version()
             limit = parse_lower_limit(lower_score_limit) if filter_out_low_scores else None
             scorer = get_scorer()
         except Exception as err:  # the WebUI only logs a hook's exception: say it in the result and stop
