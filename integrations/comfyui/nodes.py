@@ -5,13 +5,23 @@ pictures exactly as ComfyUI's own SaveImage does (clip(255 * x, 0, 255) then tru
 a score here equals what `rayapp score` (or `model.score`) gives for the PNG that SaveImage writes.
 Nothing heavy is imported until a Loader runs; with an endpoint URL only the standard library and
 Pillow are used (rayapp.serve.client).
+
+Inside ComfyUI the in-process model is registered with ComfyUI's model management (wrapped in a
+`comfy.model_patcher.ModelPatcher`, loaded with `load_models_gpu` before each scoring), so it follows
+`get_torch_device()` and is offloaded with the other models when ComfyUI frees memory. A Filter that
+keeps nothing blocks its downstream nodes with an `ExecutionBlocker` instead of handing them an empty
+batch. Node keys carry the `Rayapp` prefix; the unprefixed keys of earlier releases stay as aliases
+where no other pack has them.
 """
 from __future__ import annotations
 
+import importlib
 import io
+import logging
 import math
 import os
 import re
+import sys
 
 import numpy as np
 from PIL import Image
@@ -21,6 +31,8 @@ CATEGORY = "ImageReward"
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 DTYPES = ["float32", "bfloat16", "float16"]
 MODELS_SUBDIR = "image_reward"  # ComfyUI/models/image_reward/<name> is searched for bare names
+
+logger = logging.getLogger(__name__)
 
 
 def comfy_images_to_pil(images) -> list[Image.Image]:
@@ -78,31 +90,61 @@ def resolve_model(name: str) -> str:
     return name  # a hub name, or rayapp.load says what is wrong with it
 
 
-def _pick_device(choice: str) -> str | None:
-    """'auto' -> ComfyUI's own device inside ComfyUI, else None (the library's default: CUDA when available)."""
-    if choice != "auto":
-        return choice
+def _comfy_model_management():
+    """ComfyUI's model management modules (model_management, model_patcher), or None outside ComfyUI."""
     try:
-        import comfy.model_management as management  # ComfyUI's own module
+        import comfy.model_management as management  # ComfyUI's own modules
+        import comfy.model_patcher as patcher
     except ImportError:
         return None
-    return str(management.get_torch_device())
+    return management, patcher
+
+
+def _managed_module(reward_model):
+    """An nn.Module holding the reward model, for ModelPatcher (which sets `.device` on what it moves)."""
+    import torch
+
+    class RewardModelHolder(torch.nn.Module):
+        def __init__(self, reward):
+            super().__init__()
+            self.reward = reward
+            self.device = reward.device
+
+    return RewardModelHolder(reward_model)
 
 
 class LocalScorer:
-    """The reward model in the ComfyUI process (rayapp.load)."""
+    """The reward model in the ComfyUI process (rayapp.load), under ComfyUI's model management there."""
 
     def __init__(self, model: str, device: str, dtype: str):
+        import torch
+
         import rayapp
 
+        comfy = _comfy_model_management()
+        if comfy is not None:
+            management, patcher = comfy
+            load_device = management.get_torch_device() if device == "auto" else torch.device(device)
+            first_device = management.unet_offload_device()  # ComfyUI moves it to load_device when scoring
+        else:
+            load_device = None
+            first_device = None if device == "auto" else device  # the library's default: CUDA when available
         try:
-            self.model = rayapp.load(model, device=_pick_device(device), dtype=dtype)
+            self.model = rayapp.load(model, device=first_device, dtype=dtype)
         except Exception as err:  # any failure is reported with the inputs that caused it
             raise RuntimeError(f"ImageReward Loader: cannot load {model!r} on {device!r} as {dtype!r}: {err}") from err
-        self.where = f"{os.path.basename(model.rstrip('/')) or model} on {self.model.device}, {dtype}"
+        self.patcher = None
+        if comfy is not None:
+            self.patcher = patcher.ModelPatcher(_managed_module(self.model), load_device=load_device,
+                                                offload_device=management.unet_offload_device())
+            self._load_models_gpu = management.load_models_gpu
+        shown = load_device if load_device is not None else self.model.device
+        self.where = f"{os.path.basename(model.rstrip('/')) or model} on {shown}, {dtype}"
 
     def score(self, prompt: str, pictures: list[Image.Image]) -> list[float]:
-        """The library's score of each picture under the prompt."""
+        """The library's score of each picture under the prompt (loaded onto ComfyUI's device first)."""
+        if self.patcher is not None:
+            self._load_models_gpu([self.patcher])
         return [float(s) for s in self.model.score(prompt, list(pictures))]
 
 
@@ -201,7 +243,7 @@ SCORING_INPUTS = {
 
 
 class ImageRewardScore:
-    """Score every image of a batch against the prompt."""
+    """Score every image of a batch against the prompt; an output node, so its summary shows without wiring."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -210,16 +252,19 @@ class ImageRewardScore:
     RETURN_TYPES = ("FLOAT", "STRING")
     RETURN_NAMES = ("scores", "summary")
     OUTPUT_IS_LIST = (True, False)
+    OUTPUT_NODE = True
     FUNCTION = "score"
     CATEGORY = CATEGORY
-    DESCRIPTION = "One ImageReward score per image (in batch order) and a text summary, best first."
+    DESCRIPTION = ("One ImageReward score per image (in batch order) and a text summary, best first. An output "
+                   "node: a workflow may end here; the summary is shown on the node and can feed a Preview Any.")
 
     def score(self, imagereward, images, prompt):
         scorer = _scorer_input(imagereward, "Score")
         prompt = check_prompt(prompt, "Score")
         scores = scorer.score(prompt, comfy_images_to_pil(images))
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
-        return (scores, _summary(scorer, prompt, scores, order, f"{len(scores)} images, best first"))
+        summary = _summary(scorer, prompt, scores, order, f"{len(scores)} images, best first")
+        return {"ui": {"text": [summary]}, "result": (scores, summary)}
 
 
 class ImageRewardFilter:
@@ -241,7 +286,8 @@ class ImageRewardFilter:
     FUNCTION = "filter"
     CATEGORY = CATEGORY
     DESCRIPTION = ("The surviving images sorted best first with their scores; kept[i] tells whether input image i "
-                   "survived. When none survive, images is an empty batch and the summary says so.")
+                   "survived. When none survive, the nodes using images and scores are blocked (not run) and "
+                   "ComfyUI shows the summary's reason.")
 
     def filter(self, imagereward, images, prompt, lower_limit=0.0, top_k=0):
         scorer = _scorer_input(imagereward, "Filter")
@@ -256,23 +302,57 @@ class ImageRewardFilter:
             order = order[:top_k]
         chosen = set(order)
         kept = [i in chosen for i in range(len(scores))]
-        if order:
-            header = f"kept {len(order)} of {len(scores)} (score >= {lower_limit:g}" + \
-                     (f", top {top_k}" if top_k else "") + "), best first"
-        else:
+        if not order:
             header = (f"none of the {len(scores)} images scored >= {lower_limit:g} (best {max(scores):.4f}); "
-                      "images is an empty batch: lower lower_limit")
+                      "the nodes using images and scores were not run: lower lower_limit")
+            summary = _summary(scorer, prompt, scores, order, header)
+            return (nothing_passed(summary), [nothing_passed(None)], kept, summary)
+        header = f"kept {len(order)} of {len(scores)} (score >= {lower_limit:g}" + \
+                 (f", top {top_k}" if top_k else "") + "), best first"
         return (images[order], [scores[i] for i in order], kept, _summary(scorer, prompt, scores, order, header))
 
 
-NODE_CLASS_MAPPINGS = {
-    "ImageRewardLoader": ImageRewardLoader,
-    "ImageRewardScore": ImageRewardScore,
-    "ImageRewardFilter": ImageRewardFilter,
+def nothing_passed(message: str | None):
+    """What a Filter that kept nothing hands on: ComfyUI's ExecutionBlocker, so e.g. Save Image is not run.
+
+    `message` is shown once as "Execution Blocked: ..."; None blocks silently. ComfyUI before the
+    execution model that added ExecutionBlocker (2024-08) cannot skip nodes: the workflow stops here.
+    """
+    for module in ("comfy_execution.graph_utils", "comfy_execution.graph"):
+        try:
+            return importlib.import_module(module).ExecutionBlocker(message)
+        except (ImportError, AttributeError):
+            continue
+    raise RuntimeError(f"ImageReward Filter: no image passed, and this ComfyUI cannot skip the nodes after it "
+                       f"(it predates ExecutionBlocker); the workflow stops here. {message or ''}".strip())
+
+
+NODES = {
+    "RayappImageRewardLoader": (ImageRewardLoader, "ImageReward Loader (rayapp)", "ImageRewardLoader"),
+    "RayappImageRewardScore": (ImageRewardScore, "ImageReward Score (rayapp)", "ImageRewardScore"),
+    "RayappImageRewardFilter": (ImageRewardFilter, "ImageReward Filter (rayapp)", "ImageRewardFilter"),
 }
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ImageRewardLoader": "ImageReward Loader",
-    "ImageRewardScore": "ImageReward Score",
-    "ImageRewardFilter": "ImageReward Filter",
-}
+
+def _alias(cls: type) -> type:
+    """A node class for an old key: the same node, marked deprecated so ComfyUI lists only the prefixed one."""
+    return type(cls.__name__ + "Alias", (cls,), {"DEPRECATED": True})
+
+
+def node_mappings(registered: dict) -> tuple[dict, dict]:
+    """NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS: the prefixed keys, plus each old key as an alias
+    unless `registered` (ComfyUI's nodes loaded so far) already has it from another pack."""
+    classes, names = {}, {}
+    for key, (cls, title, old_key) in NODES.items():
+        classes[key], names[key] = cls, title
+        if old_key in registered:
+            logger.warning("ImageReward: the key %r belongs to another node pack; this pack's node stays under "
+                           "%r only", old_key, key)
+        else:
+            classes[old_key], names[old_key] = _alias(cls), f"{title} [old name]"
+    return classes, names
+
+
+# ComfyUI's registry (its top-level `nodes` module) holds the packs loaded before this one.
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = node_mappings(
+    getattr(sys.modules.get("nodes"), "NODE_CLASS_MAPPINGS", None) or {})

@@ -61,3 +61,11 @@ class Button(_Block):
         """Record the handler; tests call it as the browser's click would."""
         self.handlers.append((fn, inputs, outputs))
         return self
+
+
+class Number(_Block):
+    pass
+
+
+class Radio(_Block):
+    pass

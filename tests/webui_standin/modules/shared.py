@@ -1,12 +1,22 @@
-"""Stand-in for the WebUI's `modules.shared`: settings (`opts`), job state and command-line options."""
+"""Stand-in for the WebUI's `modules.shared`: settings (`opts`), job state and command-line options.
+
+Modelled on AUTOMATIC1111 v1.10.1 `modules/options.py` (Options: attribute access over `data`, `set`,
+`get_default`) and `modules/shared_state.py` (State: interrupted / skipped flags, interrupt(), skip()).
+"""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-# The settings the generation and saving flow reads, with the WebUI's defaults.
+# The settings the generation and saving flow reads, with the WebUI's defaults (modules/shared_options.py).
 DEFAULTS = {
     "samples_save": True,
     "samples_format": "png",
+    "samples_filename_pattern": "",
+    "save_images_add_number": True,
+    "save_images_replace_action": "Replace",
+    "save_to_dirs": False,
+    "grid_save_to_dirs": True,
+    "directories_filename_pattern": "[date]",
     "outdir_samples": "",
     "enable_pnginfo": True,
     "save_txt": False,
@@ -14,7 +24,15 @@ DEFAULTS = {
     "return_grid": True,
     "grid_save": True,
     "grid_format": "png",
+    "grid_extended_filename": False,
     "grid_only_if_multiple": True,
+    "overlay_inpaint": True,
+    "return_mask": False,
+    "return_mask_composite": False,
+    "save_mask": False,
+    "save_mask_composite": False,
+    "img2img_batch_use_original_name": False,
+    "img2img_batch_show_results_limit": 32,
 }
 
 
@@ -54,6 +72,16 @@ class Options:
     def __delattr__(self, key):
         self.data.pop(key, None)
 
+    def set(self, key, value, is_api=False, run_callbacks=True) -> bool:
+        """modules/options.py Options.set: store a value (what process_images does for override_settings)."""
+        self.data[key] = value
+        return True
+
+    def get_default(self, key):
+        """modules/options.py Options.get_default: the registered default of a setting."""
+        info = self.data_labels.get(key)
+        return DEFAULTS.get(key) if info is None else info.default
+
     def add_option(self, key: str, info: OptionInfo) -> None:
         """Register a setting (what on_ui_settings callbacks do)."""
         self.data_labels[key] = info
@@ -66,6 +94,34 @@ class Options:
         self.data_labels.clear()
 
 
+class State:
+    """modules/shared_state.py State: the job flags the generation loop reads."""
+
+    def __init__(self):
+        self.begin()
+
+    def begin(self) -> None:
+        """State.begin: a new job starts with the flags cleared."""
+        self.interrupted = False
+        self.skipped = False
+        self.stopping_generation = False
+        self.job = ""
+        self.job_count = 0
+        self.job_no = 0
+        self.job_timestamp = "20000101000000"
+
+    def interrupt(self) -> None:
+        """State.interrupt: the Interrupt button."""
+        self.interrupted = True
+
+    def skip(self) -> None:
+        """State.skip: the Skip button (the current batch ends early, the next one runs)."""
+        self.skipped = True
+
+    def nextjob(self) -> None:
+        self.job_no += 1
+
+
 opts = Options(DEFAULTS)
-state = SimpleNamespace(interrupted=False, skipped=False, job="", job_count=0, job_timestamp="20000101000000")
-cmd_opts = SimpleNamespace(lowvram=False, medvram=False, no_half=False)
+state = State()
+cmd_opts = SimpleNamespace(lowvram=False, medvram=False, no_half=False, no_prompt_history=True)
