@@ -38,6 +38,11 @@ PRIVATE_APIS: dict[str, str] = {
     # which no public API names; the filter honours Ray Data's `hide` record attribute.
     "ray.data._internal.logging:SessionFileHandler": "Ray Data's ray-data.log in the session directory",
     "ray.data._internal.logging:HiddenRecordFilter": "Ray Data's console filter for records it marks hidden",
+    # `rayapp serve` runs a Serve config file exactly as `serve run` does (http_options, several applications,
+    # blocking until Ctrl-C). The public `serve.run` takes one built application, not a config file; the `serve`
+    # executable is not on PATH in every install (pip --user, an unactivated venv), so rayapp calls the function
+    # behind it: the entry point Ray's own package metadata names for its `serve` console script.
+    "ray.serve.scripts:cli": "Ray's `serve` command line (its console script), for `rayapp serve`",
 }
 
 # Names the Ray Data logging YAML (rayapp/runtime/ray_data_logging.yaml) uses for the classes above.
@@ -95,3 +100,8 @@ def autoscaler_v1_node_types() -> list[str]:
     status = json.loads(raw or b"{}")
     mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
     return [str(node_type) for node_type in mapping.values()]
+
+
+def run_serve_cli(arguments: list[str]) -> None:
+    """Run Ray's `serve` command line in this process with `arguments` (e.g. ["run", "config.yaml"])."""
+    private("ray.serve.scripts:cli").main(args=arguments, prog_name="serve", standalone_mode=False)

@@ -83,13 +83,12 @@ def run(args: argparse.Namespace) -> int:
         handle, written = tempfile.mkstemp(prefix=f"rayapp-serve-{path.stem}-", suffix=".yaml")
         with os.fdopen(handle, "w") as out:
             yaml.safe_dump(config, out, sort_keys=False)
-    # Ray's own `serve` command (its console script's entry point), so the config runs exactly as under
-    # `serve run`, also where only the rayapp script is on PATH.
-    from ray.serve.scripts import cli as serve_cli
+    # Ray's own `serve` command, so the config runs exactly as under `serve run` (see rayapp.ray_compat for why)
+    from rayapp.ray_compat import run_serve_cli
 
     command = ["run", written or os.fspath(path)] + (["--address", args.address] if args.address else [])
     try:
-        serve_cli.main(args=command, prog_name="serve", standalone_mode=False)
+        run_serve_cli(command)
     finally:
         if written:
             os.unlink(written)
