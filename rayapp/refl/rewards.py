@@ -7,10 +7,14 @@ Every scorer rayapp ships has a differentiable path from images in [0,1] to scor
 gradient (all of them frozen):
 - ImageReward: `model.reward(images_0_1, prompts)` (BLIP ViT + BERT cross-attention + MLP head);
 - CLIP: cos(image, text) of CLIP ViT-L/14; BLIP: BLIP's ITC cosine; Aesthetic: the LAION MLP on the CLIP
-  image embedding (the prompt is unused) -- each through `preprocess_tensor` then `forward_scores`.
+  image embedding (the prompt is unused); PickScore: logit_scale x cos of its CLIP ViT-H/14 -- each through
+  `preprocess_tensor` then `forward_scores`;
+- HPSv2 / HPSv2.1: cos of HPS's CLIP, through the scorer's own `preprocess_tensor` (resize longest side + pad,
+  the transform its scoring path uses too).
 The held-out evaluation scores PIL images through each scorer's `score_pairs` (the scoring path), with the
-same weights. Scales differ (ImageReward: normalised, about -2..2; CLIP / BLIP: a cosine, about 0.1..0.4;
-Aesthetic: about 1..10), so weights trade them off in their own units.
+same weights. Scales differ (ImageReward: normalised, about -2..2; CLIP / BLIP / HPS: a cosine, about 0.1..0.4;
+PickScore: about 15..25; Aesthetic: about 1..10), so weights trade them off in their own units. Each term's
+value is reported beside the sum (`WeightedReward.term_scores`, the held-out `eval_reward/<term>` metrics).
 """
 from __future__ import annotations
 
@@ -100,7 +104,11 @@ def differentiable_scores(scorer, images_0_1: torch.Tensor, prompts: list[str]) 
     """Scores [B] with a graph back to the images: ImageReward's `reward`, a baseline's `forward_scores`."""
     if hasattr(scorer, "reward"):
         return scorer.reward(images_0_1, prompts)
-    pixels = preprocess_tensor(images_0_1, scorer.image_size).to(device=scorer.device, dtype=scorer.dtype)
+    if hasattr(scorer, "preprocess_tensor"):  # a scorer with its own image transform (HPS: resize + pad)
+        pixels = scorer.preprocess_tensor(images_0_1)
+    else:
+        pixels = preprocess_tensor(images_0_1, scorer.image_size)
+    pixels = pixels.to(device=scorer.device, dtype=scorer.dtype)
     input_ids, attention_mask = scorer.tokenize(prompts)
     return scorer.forward_scores(pixels, input_ids.to(scorer.device), attention_mask.to(scorer.device))
 
