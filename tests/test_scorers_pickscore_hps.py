@@ -294,3 +294,50 @@ def test_hps_equals_the_reference_package(version, hpsv2_reference, tmp_path):
         np.testing.assert_allclose(ours[key], reference[key], atol=1e-4, rtol=0)
     spread = np.ptp([s for values in ours.values() for s in values])
     assert spread > 1e-3, "the scores must differ for the comparison to mean anything"
+
+
+# ------------------------------------------------------------------------------------------- the places a scorer goes
+@pytest.fixture(scope="module")
+def saved_scorers(tmp_path_factory, pickscore_dir) -> dict[str, Path]:
+    """PickScore (from its transformers directory) and HPSv2.1 (from an HPS .pt of the tiny architecture),
+    each loaded from the official format and saved with scorer.save_pretrained (what a spec path names)."""
+    from rayapp.diffusion.tiny import build_tiny_clip_tokenizer
+    from rayapp.eval.baselines.hps import tiny_architecture
+
+    root = tmp_path_factory.mktemp("saved_scorers")
+    tokenizer_dir = root / "clip_tokenizer"
+    tokenizer = build_tiny_clip_tokenizer(tokenizer_dir)
+    architecture = tiny_architecture(tokenizer)
+    checkpoint = write_hps_checkpoint(root / "HPS_v2.1_compressed.pt", architecture, seed=5)
+    hps = rayapp.load_score("HPSv2.1", checkpoint, architecture=architecture, tokenizer=tokenizer_dir, device="cpu")
+    rayapp.load_score("PickScore", pickscore_dir, device="cpu").save_pretrained(root / "pickscore")
+    hps.save_pretrained(root / "hpsv2.1")
+    return {"PickScore": root / "pickscore", "HPSv2.1": root / "hpsv2.1"}
+
+
+def test_refl_reward_mix_reports_each_term(ray_cluster, tmp_path, saved_scorers):
+    from rayapp.refl import ReFLConfig, run_refl
+    from rayapp.refl.rewards import absolute_reward_paths, parse_reward
+
+    reward = f"imagereward:tiny:1.0,{saved_scorers['PickScore']}:0.5,{saved_scorers['HPSv2.1']}:0.5"
+    assert [t.weight for t in parse_reward(reward)] == [1.0, 0.5, 0.5]
+    assert absolute_reward_paths("imagereward:1.0,pickscore:0.5,hpsv2.1:0.5") == \
+        "imagereward:1,pickscore:0.5,hpsv2.1:0.5"  # the published names parse (their weights load lazily)
+    cfg = ReFLConfig.from_preset("offline", output_dir=str(tmp_path / "mix"), run_name="mix", reward=reward,
+                                 max_steps=2, eval_every=0, eval_seeds=(0,), max_failures=0, pretrain_weight=0.0)
+    result = run_refl(cfg)
+    assert result.steps == 2
+    first, last = result.eval_history[0], result.eval_history[-1]
+    for record in (first, last):
+        terms = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("eval_reward/")}
+        assert set(terms) == {"ImageReward", "PickScore", "HPSv2.1"}, record
+        np.testing.assert_allclose(record["eval_reward"], terms["ImageReward"] + 0.5 * terms["PickScore"]
+                                   + 0.5 * terms["HPSv2.1"], rtol=1e-5, atol=1e-6)
+    updates = json.loads((Path(cfg.output_dir) / "updates.json").read_text())
+    assert len(updates) == 2
+    for update in updates:  # every update reports each term of the reward it climbed
+        assert {"reward_train/ImageReward", "reward_train/PickScore", "reward_train/HPSv2.1"} <= set(update)
+        np.testing.assert_allclose(update["reward_train"], update["reward_train/ImageReward"]
+                                   + 0.5 * update["reward_train/PickScore"] + 0.5 * update["reward_train/HPSv2.1"],
+                                   rtol=1e-4, atol=1e-5)
+    assert Path(result.curve_png).is_file()

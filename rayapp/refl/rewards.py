@@ -113,11 +113,27 @@ def differentiable_scores(scorer, images_0_1: torch.Tensor, prompts: list[str]) 
     return scorer.forward_scores(pixels, input_ids.to(scorer.device), attention_mask.to(scorer.device))
 
 
+def term_labels(models: list) -> list[str]:
+    """One label per term: the scorer's registry name, numbered from the second use of the same name on."""
+    labels: list[str] = []
+    for model in models:
+        name = str(getattr(model, "name", None) or "ImageReward")
+        count = sum(1 for label in labels if label.split("#")[0] == name)
+        labels.append(name if count == 0 else f"{name}#{count + 1}")
+    return labels
+
+
 class WeightedReward:
-    """sum_i weight_i x scorer_i: `reward` (differentiable, ReFL's objective) and `score_pairs` (PIL path)."""
+    """sum_i weight_i x scorer_i: `reward` (differentiable, ReFL's objective) and `score_pairs` (PIL path).
+
+    `terms` names each scorer (`term_labels`); `last_terms` holds the mean unweighted value of each term in the
+    last `reward` call, `score_terms` each term's scores of (prompt, PIL image) pairs.
+    """
 
     def __init__(self, models: list, weights: list[float], labels: list[str]):
         self.scorers, self.weights, self.labels = list(models), [float(w) for w in weights], list(labels)
+        self.terms = term_labels(self.scorers)
+        self.last_terms: dict[str, float] = {}
 
     def __call__(self, images_0_1: torch.Tensor, prompts: str | list[str]) -> torch.Tensor:
         """The differentiable reward (`reward`): what the training step calls."""
@@ -127,15 +143,26 @@ class WeightedReward:
         """Weighted sum of the scorers' differentiable scores, float32 [B]."""
         prompts = [prompts] * images_0_1.shape[0] if isinstance(prompts, str) else list(prompts)
         total = None
-        for scorer, weight in zip(self.scorers, self.weights):
-            part = weight * differentiable_scores(scorer, images_0_1, prompts).float().to(images_0_1.device)
-            total = part if total is None else total + part
+        last = {}
+        for scorer, weight, term in zip(self.scorers, self.weights, self.terms):
+            value = differentiable_scores(scorer, images_0_1, prompts).float().to(images_0_1.device)
+            last[term] = float(value.detach().mean())
+            total = weight * value if total is None else total + weight * value
+        self.last_terms = last
         return total
+
+    def score_terms(self, prompts: list[str], images: list) -> dict[str, list[float]]:
+        """Each term's (unweighted) scores of (prompt, PIL image) pairs, by term label."""
+        return {term: scorer.score_pairs(list(prompts), list(images)) for term, scorer in zip(self.terms, self.scorers)}
+
+    def combine(self, per_term: dict[str, list[float]]) -> list[float]:
+        """The weighted sum of `score_terms`' values, per pair."""
+        columns = [per_term[term] for term in self.terms]
+        return [sum(w * column[i] for w, column in zip(self.weights, columns)) for i in range(len(columns[0]))]
 
     def score_pairs(self, prompts: list[str], images: list) -> list[float]:
         """Weighted sum of the scorers' scores of (prompt, PIL image) pairs."""
-        per_scorer = [scorer.score_pairs(list(prompts), list(images)) for scorer in self.scorers]
-        return [sum(w * s[i] for w, s in zip(self.weights, per_scorer)) for i in range(len(prompts))]
+        return self.combine(self.score_terms(prompts, images))
 
     def set_dtype(self, dtype) -> WeightedReward:
         for scorer in self.scorers:
