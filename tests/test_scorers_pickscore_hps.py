@@ -341,3 +341,43 @@ def test_refl_reward_mix_reports_each_term(ray_cluster, tmp_path, saved_scorers)
                                    + 0.5 * update["reward_train/PickScore"] + 0.5 * update["reward_train/HPSv2.1"],
                                    rtol=1e-4, atol=1e-5)
     assert Path(result.curve_png).is_file()
+
+
+def test_serve_config_with_pickscore_and_hps_answers_score_batch(serve_manager, saved_scorers):
+    import io
+
+    import requests
+    from ray import serve
+
+    from rayapp.serve import wire
+    from rayapp.serve.app import build_app
+
+    serve_manager.ensure()
+    args = serve_manager.args(
+        models=[{"id": "pick", "scorer": "PickScore", "source": str(saved_scorers["PickScore"])},
+                {"id": "hps", "scorer": "hpsv2.1", "source": str(saved_scorers["HPSv2.1"])}],
+        multiplex=None, scorer_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+        api_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}})
+    assert [(m.id, m.scorer) for m in args.model_specs()] == [("pick", "PickScore"), ("hps", "HPSv2.1")]
+    serve.run(build_app(args), name="rm-prefs", route_prefix="/prefs")
+    url = f"http://127.0.0.1:{serve_manager.port}/prefs"
+    try:
+        images = []
+        for i in range(4):  # at the scorers' input size: the same pixels on every path
+            buf = io.BytesIO()
+            smooth_image(40 + i, 64, 64).save(buf, format="PNG")
+            images.append(buf.getvalue())
+        prompts = ["a red circle", "two blue squares", "a small yellow square", "three green triangles"]
+        for model_id, name in (("pick", "PickScore"), ("hps", "HPSv2.1")):
+            resp = requests.post(f"{url}/v1/score_batch", params={"model": model_id},
+                                 data=wire.encode_pairs(prompts, images),
+                                 headers={"Content-Type": wire.CONTENT_TYPE}, timeout=120)
+            assert resp.status_code == 200, resp.text
+            body = resp.json()
+            assert body["model"] == model_id
+            library = rayapp.load_score(name, saved_scorers[name], device="cpu").score_pairs(prompts, images)
+            np.testing.assert_allclose(body["scores"], library, rtol=1e-4, atol=1e-5)
+        listed = {m["id"]: m["scorer"] for m in requests.get(f"{url}/v1/models", timeout=30).json()["models"]}
+        assert listed == {"pick": "PickScore", "hps": "HPSv2.1"}
+    finally:
+        serve.delete("rm-prefs")
