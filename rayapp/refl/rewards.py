@@ -41,8 +41,9 @@ def parse_reward(text: str | None) -> list[RewardTerm]:
     """`SOURCE[:WEIGHT][,SOURCE[:WEIGHT]...]` -> terms; an existing path is one term even with commas or colons.
 
     SOURCE: a scorer spec of `rayapp.scorers` -- a name in any case (ImageReward / ImageReward-v1.0, CLIP,
-    BLIP, Aesthetic), NAME:tiny for random toy weights (`tiny` alone: the random tiny ImageReward), an official
-    .pt, a save_pretrained directory or a URI. WEIGHT: a float after the last colon (default 1).
+    BLIP, Aesthetic, PickScore, HPSv2, HPSv2.1), NAME:tiny for random toy weights (`tiny` alone: the random
+    tiny ImageReward), an official .pt, a save_pretrained directory or a URI. WEIGHT: a float after the last
+    colon (default 1).
     """
     if text is None or str(text).strip().lower() in ("", "none", "null"):
         return [RewardTerm(scorers.TINY, 1.0)]
