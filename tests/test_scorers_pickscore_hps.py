@@ -381,3 +381,86 @@ def test_serve_config_with_pickscore_and_hps_answers_score_batch(serve_manager, 
         assert listed == {"pick": "PickScore", "hps": "HPSv2.1"}
     finally:
         serve.delete("rm-prefs")
+
+
+# ------------------------------------------------------------------------------------------- evaluations
+def test_eval_hps_gives_the_reference_benchmark_numbers(hpsv2_reference, tmp_path, capsys):
+    """`rayapp eval hps` on a generations folder laid out for `hpsv2.evaluation.evaluate_benchmark`: the same
+    per-style mean and std (of the 80-prompt group means) and average as the reference prints."""
+    from rayapp.cli import main
+
+    checkpoint = write_hps_checkpoint(tmp_path / "HPS_v2.1_compressed.pt", SMALL_ARCHITECTURE, seed=21)
+    tokenizer = reference_tokenizer_dir(hpsv2_reference, tmp_path / "tokenizer")
+    saved = tmp_path / "hps_saved"
+    rayapp.load_score("HPSv2.1", checkpoint, architecture=SMALL_ARCHITECTURE, tokenizer=tokenizer,
+                      device="cpu").save_pretrained(saved)
+    prompts_dir, generations = tmp_path / "benchmark", tmp_path / "generations" / "mymodel"
+    prompts_dir.mkdir()
+    counts = {"anime": 170, "concept-art": 6, "paintings": 3, "photo": 2}  # anime: groups of 80, 80 and 10
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    for style, count in counts.items():
+        prompts = [f"a {colours[i % 6]} {style} scene, number {i}" for i in range(count)]
+        (prompts_dir / f"{style}.json").write_text(json.dumps(prompts))
+        (generations / style).mkdir(parents=True)
+        for i in range(count):
+            if style == "concept-art" and i == 2:
+                continue  # a missing image: its prompt is left out, as the reference does
+            smooth_image(1000 + 7 * i + len(style), 40, 48).save(generations / style / f"{i:05d}.jpg", quality=90)
+
+    out = tmp_path / "hps.json"
+    assert main(["eval", "hps", "--prompts-dir", str(prompts_dir), "--generations", str(generations),
+                 "--scorer", str(saved), "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| anime |" in printed and "| Average |" in printed
+    report = json.loads(out.read_text())
+    assert report["styles"]["concept-art"]["images"] == 5 and report["styles"]["anime"]["images"] == 170
+    assert report["styles"]["anime"]["std"] > 0  # three groups: the std convention is exercised
+
+    reference = run_reference(hpsv2_reference, {"mode": "benchmark", "architecture": SMALL_ARCHITECTURE,
+                                                "checkpoint": str(checkpoint), "generations": str(generations),
+                                                "prompts_dir": str(prompts_dir), "version": "v2.1"}, tmp_path)
+    lines = [line.split() for line in reference["printed"].splitlines() if line.startswith("mymodel ")]
+    printed_ref = {parts[1]: [float(v) for v in parts[2:]] for parts in lines}
+    assert set(printed_ref) == {*counts, "Average"}, reference["printed"]
+    for style in counts:
+        mean, std = printed_ref[style]
+        assert abs(report["styles"][style]["mean"] - mean) <= 0.005 + 1e-6, (style, report["styles"][style], mean)
+        assert abs(report["styles"][style]["std"] - std) <= 0.00005 + 1e-7, (style, report["styles"][style], std)
+    assert abs(report["average"] - printed_ref["Average"][0]) <= 0.005 + 1e-6
+
+
+def test_multi_reward_table_over_generators(tmp_path, saved_scorers, capsys):
+    from rayapp.cli import main
+
+    prompts = [{"id": "p1", "prompt": "a red circle"}, {"id": "p2", "prompt": "two blue squares"},
+               {"id": "p3", "prompt": "a small yellow square"}]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    root = tmp_path / "generations"
+    for g, generator in enumerate(["model-a", "model-b"]):
+        (root / generator).mkdir(parents=True)
+        for item in prompts:
+            for k in range(2):
+                image = smooth_image(100 * g + 10 * int(item["id"][1]) + k, 72, 64)
+                image.save(root / generator / f"{item['id']}_{k}.png")
+    out, plot = tmp_path / "rewards.json", tmp_path / "rewards.png"
+    argv = ["eval", "rewards", "--prompts", str(tmp_path / "prompts.json"), "--generations-root", str(root),
+            "--scorer", "ImageReward:tiny", "--scorer", f"PickScore={saved_scorers['PickScore']}",
+            "--scorer", f"HPSv2.1={saved_scorers['HPSv2.1']}", "--device", "cpu", "--quiet",
+            "--out", str(out), "--plot", str(plot)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| Model | ImageReward | PickScore | HPSv2.1 |" in printed
+    assert printed.count("| model-") == 2
+    report = json.loads(out.read_text())
+    assert Image.open(plot).size[0] > 0
+    for label in ("PickScore", "HPSv2.1"):
+        scorer = rayapp.load_score(label, saved_scorers[label], device="cpu")
+        for generator in ("model-a", "model-b"):
+            images = sorted((root / generator).glob("*.png"))
+            by_prompt = {item["id"]: item["prompt"] for item in prompts}
+            scores = scorer.score_pairs([by_prompt[p.stem.split("_")[0]] for p in images], [str(p) for p in images])
+            stats = report["results"][label][generator]
+            assert stats["images"] == 6
+            np.testing.assert_allclose(stats["mean"], np.mean(scores), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(stats["std"], np.std(scores), rtol=1e-4, atol=1e-6)
+        assert sorted(report["results"][label][g]["rank"] for g in ("model-a", "model-b")) == [1, 2]
