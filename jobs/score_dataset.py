@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output directory for part-*.parquet (local path or URI)")
     p.add_argument("--scorer", action="append",
                    help="[LABEL=]SPEC, repeatable (default ImageReward): ImageReward, CLIP, BLIP, Aesthetic, "
-                        "NAME:tiny, or a saved model dir")
+                        "PickScore, HPSv2, HPSv2.1, NAME:tiny, or a saved model dir")
     p.add_argument("--format", default="auto", choices=["auto", "images", "comparison", "folder"])
     p.add_argument("--prompts-file", help="folder input: JSONL/CSV with prompt, path (default <folder>/prompts.jsonl)")
     p.add_argument("--image-column", default="image")

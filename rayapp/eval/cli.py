@@ -73,7 +73,9 @@ def run_hps(args: argparse.Namespace) -> dict:
     from rayapp.eval.hps_benchmark import hps_markdown, run_hps_benchmark
     from rayapp.eval.scorers import load_scorer, parse_spec
 
-    spec = parse_spec(args.scorer[-1] if args.scorer else "HPSv2.1")
+    if args.scorer and len(args.scorer) > 1:
+        raise ValueError("eval hps scores with one --scorer at a time")
+    spec = parse_spec(args.scorer[0] if args.scorer else "HPSv2.1")
     scorer = load_scorer(spec, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
     report = run_hps_benchmark(scorer, args.prompts_dir, args.generations, styles=args.style,
                                batch_size=args.batch_size, progress=not args.quiet)
