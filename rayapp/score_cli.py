@@ -19,8 +19,8 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt", required=True, help="the text prompt")
     parser.add_argument("--model", default="ImageReward-v1.0",
                         help="a scorer spec (rayapp.scorers): a name in any case (ImageReward, CLIP, BLIP, "
-                             "Aesthetic, ...), NAME:tiny, an official ImageReward.pt, a saved directory or a URI "
-                             "(default: %(default)s)")
+                             "Aesthetic, PickScore, HPSv2, HPSv2.1), NAME:tiny, an official ImageReward.pt, a saved "
+                             "directory or a URI (default: %(default)s)")
     parser.add_argument("--endpoint", help="score through a running rayapp Serve endpoint (http://host:port) instead")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: %(default)s)")

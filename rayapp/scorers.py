@@ -3,8 +3,8 @@
 
 Names and aliases match in any case (`imagereward`, `ImageReward-v1.0`, `clip`, ...) and resolve to one
 canonical name. A registration names its factory as "module:function", imported on first use, so this module
-imports nothing heavy (no torch): the Serve config validates names with it. Adding a scorer (PickScore,
-HPSv2, ...) is one `register(...)` call at the bottom plus the module that builds it.
+imports nothing heavy (no torch): the Serve config validates names with it. Adding a scorer is one
+`register(...)` call at the bottom plus the module that builds it.
 
 Factory contract: `factory(name, path, *, device, dtype, tiny, seed, tokenizer, **options)` returns the
 scorer in eval mode with the scoring path (`score`, `score_pairs`, `inference_rank`) and a differentiable one
@@ -166,8 +166,8 @@ def load_score(name: str = "CLIP", path: str | os.PathLike | None = None, *, dev
       `load_score(name, device, download_root)`.
     config: "tiny" builds random toy-size weights seeded by `seed` (tests, offline demos).
     tokenizer: a tokenizer object, directory or hub name instead of the scorer's default.
-    options: the registration's own keywords (ImageReward: download_root; the baselines: download_root,
-      weights, clip_model, blip_preset -- see rayapp.eval.baselines).
+    options: the registration's own keywords (ImageReward: download_root; the baselines, PickScore and HPS:
+      download_root, weights, clip_model, blip_preset, architecture -- see rayapp.eval.baselines).
     device: default CUDA when available, else CPU. dtype: "float32" (default), "bfloat16", "float16".
     """
     entry = registration(name)
@@ -222,7 +222,7 @@ def _load_imagereward(name: str, path: str | None, *, device: Any, dtype: Any, t
                             tokenizer=tokenizer, download_root=download_root)
 
 
-_BASELINE_OPTIONS = ("download_root", "weights", "clip_model", "blip_preset")
+_BASELINE_OPTIONS = ("download_root", "weights", "clip_model", "blip_preset", "architecture")
 
 register("ImageReward", "rayapp.scorers:_load_imagereward", aliases=("ImageReward-v1.0",),
          options=("download_root",), summary="the ImageReward reward model (BLIP + MLP head), THUDM/ImageReward")
@@ -233,3 +233,12 @@ register("BLIP", "rayapp.eval.baselines:load_baseline", options=_BASELINE_OPTION
 register("Aesthetic", "rayapp.eval.baselines:load_baseline", options=_BASELINE_OPTIONS,
          module="rayapp.eval.baselines.aesthetic",
          summary="LAION aesthetic predictor on the CLIP ViT-L/14 image embedding (ignores the prompt)")
+register("PickScore", "rayapp.eval.baselines:load_baseline", aliases=("PickScore_v1",), options=_BASELINE_OPTIONS,
+         module="rayapp.eval.baselines.pickscore",
+         summary="PickScore_v1: logit_scale x cosine of a CLIP ViT-H/14 tuned on Pick-a-Pic (transformers CLIPModel)")
+register("HPSv2", "rayapp.eval.baselines:load_baseline", aliases=("HPSv2.0", "HPS_v2"), options=_BASELINE_OPTIONS,
+         module="rayapp.eval.baselines.hps",
+         summary="Human Preference Score v2: cosine of an open_clip ViT-H-14 tuned on HPD v2 (HPS_v2_compressed.pt)")
+register("HPSv2.1", "rayapp.eval.baselines:load_baseline", aliases=("HPS_v2.1",), options=_BASELINE_OPTIONS,
+         module="rayapp.eval.baselines.hps",
+         summary="Human Preference Score v2.1 (HPS_v2.1_compressed.pt), HPSv2's architecture and scoring")

@@ -193,16 +193,16 @@ def test_baseline_registry_one_module_per_scorer(tmp_path):
 
     baselines = {name: scorers.registration(name).module for name in scorers.available_scores()
                  if scorers.registration(name).module is not None}
-    assert list(baselines) == ["CLIP", "BLIP", "Aesthetic"]
+    assert list(baselines) == ["CLIP", "BLIP", "Aesthetic", "PickScore", "HPSv2", "HPSv2.1"]
     for name, module_name in baselines.items():
         module = importlib.import_module(module_name)
         assert all(callable(getattr(module, f, None)) for f in ("build_tiny", "load_saved", "load_real"))
         assert scorers.canonical_name(name.upper()) == name
         assert parse_spec(f"{name.lower()}:tiny").scorer == name
     with pytest.raises(ValueError, match="available scores"):
-        rayapp.load_score("PickScore")
+        rayapp.load_score("PickScore-v9")
     with pytest.raises(ValueError, match="unknown scorer"):
-        parse_spec("PickScore")
+        parse_spec("PickScore-v9")
     rayapp.load_score("CLIP", config="tiny").save_pretrained(tmp_path / "clip")
     assert parse_spec(str(tmp_path / "clip")).scorer == scorers.saved_scorer(tmp_path / "clip") == "CLIP"
     with pytest.raises(ValueError, match="holds a 'CLIP' scorer, not 'BLIP'"):

@@ -10,7 +10,8 @@ import torch
 
 # every name rayapp knows today, with the canonical one it stands for
 NAMES = {"ImageReward": "ImageReward", "ImageReward-v1.0": "ImageReward", "CLIP": "CLIP", "BLIP": "BLIP",
-         "Aesthetic": "Aesthetic"}
+         "Aesthetic": "Aesthetic", "PickScore": "PickScore", "PickScore_v1": "PickScore", "HPSv2": "HPSv2",
+         "HPSv2.0": "HPSv2", "HPS_v2": "HPSv2", "HPSv2.1": "HPSv2.1", "HPS_v2.1": "HPSv2.1"}
 SPELLINGS = [(variant, canonical) for name, canonical in NAMES.items()
              for variant in dict.fromkeys((name, name.lower(), name.upper(), name.swapcase()))]
 
@@ -47,7 +48,7 @@ def test_unknown_name_same_error_everywhere(entry):
     from rayapp import scorers
 
     expected = "unknown scorer 'PickScore-v9'; available scores (any case): ImageReward (or ImageReward-v1.0), " \
-               "CLIP, BLIP, Aesthetic"
+               "CLIP, BLIP, Aesthetic, PickScore (or PickScore_v1), HPSv2 (or HPSv2.0, HPS_v2), HPSv2.1 (or HPS_v2.1)"
     assert scorers.unknown_message("PickScore-v9") == expected
     with pytest.raises(ValueError) as caught:
         _spec_parsers()[entry]("PickScore-v9")
@@ -78,7 +79,7 @@ def _toy_factory(name, path, *, device, dtype, tiny, seed, tokenizer, scale=1.0)
 
 
 def test_a_new_scorer_is_one_registration(monkeypatch):
-    """What PickScore / HPSv2 will do: register once, and every entry point knows the name."""
+    """What PickScore / HPSv2 did: register once, and every entry point knows the name."""
     from rayapp import scorers
 
     monkeypatch.setattr(scorers, "_REGISTRY", dict(scorers._REGISTRY))
@@ -148,5 +149,5 @@ def test_rayapp_score_cli_takes_any_scorer_name(tmp_path, capsys):
                               device="cpu", dtype="float32", batch_size=4, json=True)
     assert run(args) == 0
     assert '"model": "Clip:Tiny"' in capsys.readouterr().out
-    with pytest.raises(ValueError, match="unknown scorer 'PickScore'; available scores"):
-        run(argparse.Namespace(**{**vars(args), "model": "PickScore"}))
+    with pytest.raises(ValueError, match="unknown scorer 'PickScore-v9'; available scores"):
+        run(argparse.Namespace(**{**vars(args), "model": "PickScore-v9"}))

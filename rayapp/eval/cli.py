@@ -3,6 +3,8 @@
     rayapp eval table3 --data DIR --scorer ImageReward --scorer CLIP --out table3.json
     rayapp eval table1 --prompts benchmark-prompts.json --generations-root generations/ --scorer ImageReward \
         --human-ranking paper --out table1.json --plot table1.png
+    rayapp eval hps --prompts-dir benchmark/ --generations my_model/ --scorer HPSv2.1 --out hps.json
+    rayapp eval rewards --prompts benchmark-prompts.json --generations-root generations/ --plot rewards.png
 
 Reading inputs: `rayapp.eval.files`; scoring: `rayapp.eval.benchmarks`; report dict and Markdown:
 `rayapp.eval.tables`; figures: `rayapp.eval.plots`. This module only wires arguments to them.
@@ -66,6 +68,44 @@ def run_table1(args: argparse.Namespace) -> dict:
     return report
 
 
+def run_hps(args: argparse.Namespace) -> dict:
+    """The HPS v2 benchmark protocol over a generations folder: per style mean and std (x 100), printed."""
+    from rayapp.eval.hps_benchmark import hps_markdown, run_hps_benchmark
+    from rayapp.eval.scorers import load_scorer, parse_spec
+
+    if args.scorer and len(args.scorer) > 1:
+        raise ValueError("eval hps scores with one --scorer at a time")
+    spec = parse_spec(args.scorer[0] if args.scorer else "HPSv2.1")
+    scorer = load_scorer(spec, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    report = run_hps_benchmark(scorer, args.prompts_dir, args.generations, styles=args.style,
+                               batch_size=args.batch_size, progress=not args.quiet)
+    report["scorer"] = spec.label
+    print(hps_markdown(report))
+    return report
+
+
+def run_rewards(args: argparse.Namespace) -> dict:
+    """Generators x scorers (default: every registered scorer), printed as Markdown, with a plot."""
+    from rayapp.eval import benchmarks, files, tables
+    from rayapp.eval.scorers import parse_spec
+    from rayapp.scorers import available_scores
+
+    prompts = files.load_prompt_list(args.prompts)
+    dirs = files.generation_dirs(args.generations_root, args.generations)
+    specs = [parse_spec(s) for s in (args.scorer or available_scores())]
+    scores = benchmarks.score_generations(specs, prompts, dirs, device=args.device, dtype=args.dtype,
+                                          tokenizer=args.tokenizer, batch_size=args.batch_size,
+                                          progress=not args.quiet)
+    report = tables.multi_reward_report(len(prompts), list(dirs), scores)
+    print(tables.multi_reward_markdown(report))
+    if args.plot:
+        from rayapp.eval.plots import plot_multi_reward
+
+        plot_multi_reward(report, args.plot)
+        print(f"\nplot -> {args.plot}")
+    return report
+
+
 def _write_json(report: dict, path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -88,10 +128,10 @@ def _writing_out(handler):
     return run
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scorer", action="append", required=True,
+def _common(parser: argparse.ArgumentParser, scorer_required: bool = True, scorer_help: str = "") -> None:
+    parser.add_argument("--scorer", action="append", required=scorer_required,
                         help=f"[LABEL=]SPEC, repeatable; SPEC: {describe_names()} (any case), NAME:tiny, a saved "
-                             "dir, an ImageReward .pt or a URI")
+                             "dir, an ImageReward .pt or a URI" + scorer_help)
     parser.add_argument("--out", help="write the full results (metrics, per-prompt scores) to this JSON file")
     parser.add_argument("--plot", help="write a PNG of the score distributions")
     parser.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
@@ -130,3 +170,19 @@ def register(subparsers) -> None:
                          "or a comma list best first")
     _common(t1)
     t1.set_defaults(func=_writing_out(run_table1))
+
+    hps = commands.add_parser("hps", help="the HPS v2 benchmark: per style mean and std of 100 x score")
+    hps.add_argument("--prompts-dir", required=True, help="folder with the benchmark's {style}.json prompt lists")
+    hps.add_argument("--generations", required=True,
+                     help="a generator's folder with {style}/{index:05d}.jpg images (anime, concept-art, ...)")
+    hps.add_argument("--style", action="append", help="only these styles (default: every folder there)")
+    _common(hps, False, "; default HPSv2.1")
+    hps.set_defaults(func=_writing_out(run_hps))
+
+    rw = commands.add_parser("rewards", help="generators x scorers: mean ± std and rank per scorer, with a plot")
+    rw.add_argument("--prompts", required=True, help="JSON list (or JSONL) of {id, prompt}")
+    rw.add_argument("--generations", action="append",
+                    help="NAME=DIR, repeatable: a generator's images named <prompt id>_<k>.png")
+    rw.add_argument("--generations-root", help="a directory with one sub-directory of images per generator")
+    _common(rw, False, "; default every registered scorer")
+    rw.set_defaults(func=_writing_out(run_rewards))

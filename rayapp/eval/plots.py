@@ -59,3 +59,20 @@ def plot_distributions(scores: dict[str, dict[str, dict[str, list[float]]]], pat
         ax.set_ylabel(f"{label} score")
         ax.set_title(f"{label} score per generator")
     save_png(fig, path)
+
+
+def plot_multi_reward(report: dict, path: str | Path) -> None:
+    """The multi-reward table: a panel per scorer (their scales differ), a bar per generator with its std."""
+    plt = pyplot()
+    labels, models = list(report["results"]), report["models"]
+    fig, axes = plt.subplots(1, len(labels), figsize=(max(4.0, 1.1 * len(models)) * len(labels), 3.8),
+                             squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        stats = report["results"][label]
+        shown = [m for m in models if stats[m]["images"]]
+        ax.bar(range(len(shown)), [stats[m]["mean"] for m in shown], yerr=[stats[m]["std"] for m in shown],
+               capsize=3, color="tab:blue", alpha=0.8)
+        ax.set_xticks(range(len(shown)), shown, rotation=30, ha="right")
+        ax.set_title(label)
+        ax.set_ylabel("mean score (± std)")
+    save_png(fig, path)

@@ -35,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="output directory for part-*.parquet (local path or URI)")
     p.add_argument("--scorer", action="append",
                    help="[LABEL=]SPEC, repeatable (default ImageReward): ImageReward, CLIP, BLIP, Aesthetic, "
+                        "PickScore, HPSv2, HPSv2.1, "
                         "NAME:tiny, a saved model dir, owner/repo or hf://owner/repo[/dir]")
     p.add_argument("--format", default="auto", choices=["auto", "images", "comparison", "folder"])
     p.add_argument("--prompts-file", help="folder input: JSONL/CSV with prompt, path (default <folder>/prompts.jsonl)")

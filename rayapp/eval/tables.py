@@ -147,3 +147,37 @@ def table1_markdown(report: dict) -> str:
         lines.append("Published ImageReward scores (paper Table 1): "
                      + ", ".join(f"{k} {v:+.4f}" for k, v in PUBLISHED_TABLE1.items()))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- multi-reward
+def multi_reward_report(prompts: int, models: list[str],
+                        scores: dict[str, dict[str, dict[str, list[float]]]]) -> dict:
+    """Generators x scorers: each generator's mean and std over its images, and its rank, per scorer label."""
+    results = {}
+    for label, per_model in scores.items():
+        stats = {}
+        for model in models:
+            values = [s for per_prompt in per_model.get(model, {}).values() for s in per_prompt]
+            mean = sum(values) / len(values) if values else math.nan
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) if values else math.nan
+            stats[model] = {"mean": mean, "std": std, "images": len(values)}
+        ranked = sorted((m for m in models if stats[m]["images"]), key=lambda m: -stats[m]["mean"])
+        for rank, model in enumerate(ranked, start=1):
+            stats[model]["rank"] = rank
+        results[label] = stats
+    return {"mode": "rewards", "prompts": prompts, "models": models, "results": results, "per_prompt": scores}
+
+
+def multi_reward_markdown(report: dict) -> str:
+    """One row per generator, one column per scorer: mean ± std (rank)."""
+    labels, models = list(report["results"]), report["models"]
+    rows = []
+    for model in models:
+        row = [model]
+        for label in labels:
+            stats = report["results"][label][model]
+            row.append("-" if not stats["images"] else
+                       f"{stats['mean']:.4f} ± {stats['std']:.4f} ({stats['rank']})")
+        rows.append(row)
+    return "\n".join([f"Rewards: {report['prompts']} prompts, {len(models)} generators x {len(labels)} scorers "
+                      f"(mean ± std over images, rank)\n", markdown_table(["Model", *labels], rows)])

@@ -50,9 +50,10 @@ class ReFLConfig(TrainingConfig):
     resolution: int | None = option(None, "output pixels (square; a multiple of the VAE factor); none = the "
                                           "pipeline's own (512 SD 1.x, 1024 SDXL, 64 tiny)")
     reward: str | None = option("ImageReward-v1.0", "reward: an ImageReward (name, official .pt or rayapp dir), "
-                                                    "'tiny' (the random-but-fixed tiny RM), a baseline (CLIP, "
-                                                    "BLIP, Aesthetic, NAME:tiny), or a weighted sum "
-                                                    "'imagereward:1.0,aesthetic:0.1'; none = 'tiny'")
+                                                    "'tiny' (the random-but-fixed tiny RM), another scorer "
+                                                    "(CLIP, BLIP, Aesthetic, PickScore, HPSv2, HPSv2.1, "
+                                                    "NAME:tiny), or a weighted sum "
+                                                    "'imagereward:1.0,pickscore:0.5,hpsv2.1:0.5'; none = 'tiny'")
     reward_tokenizer: str | None = option(None, "RM tokenizer dir / hub name when `reward` does not carry one")
     reward_seed: int = option(0, "torch seed of the random tiny RM (reward none only)")
     # --- data ---

@@ -24,12 +24,15 @@ def evaluate_held_out(unet, parts: DiffusionParts, rm, cfg: ReFLConfig, device: 
     with torch.no_grad():
         r_tensor = rm.reward(images, prompts).float().cpu()
     pils = to_pil_images(images)
-    r_pil = rm.score_pairs(prompts, pils)
+    per_term = rm.score_terms(prompts, pils) if hasattr(rm, "score_terms") else {}
+    r_pil = rm.combine(per_term) if per_term else rm.score_pairs(prompts, pils)
     grid = reward_grid(pils, prompts, r_pil, columns=len(cfg.eval_seeds),
                        title=f"step {step}: mean reward {sum(r_pil) / len(r_pil):+.4f}")
     metrics = {"step": step, "eval_reward": float(sum(r_pil) / len(r_pil)),
                "eval_reward_tensor": float(r_tensor.mean()),
                "eval_rewards": [round(float(r), 6) for r in r_pil]}
+    if len(per_term) > 1:  # a mix: each term's mean, unweighted, in its own units
+        metrics.update({f"eval_reward/{term}": float(sum(v) / len(v)) for term, v in per_term.items()})
     return metrics, png_bytes(grid)
 
 

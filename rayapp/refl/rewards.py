@@ -7,10 +7,14 @@ Every scorer rayapp ships has a differentiable path from images in [0,1] to scor
 gradient (all of them frozen):
 - ImageReward: `model.reward(images_0_1, prompts)` (BLIP ViT + BERT cross-attention + MLP head);
 - CLIP: cos(image, text) of CLIP ViT-L/14; BLIP: BLIP's ITC cosine; Aesthetic: the LAION MLP on the CLIP
-  image embedding (the prompt is unused) -- each through `preprocess_tensor` then `forward_scores`.
+  image embedding (the prompt is unused); PickScore: logit_scale x cos of its CLIP ViT-H/14 -- each through
+  `preprocess_tensor` then `forward_scores`;
+- HPSv2 / HPSv2.1: cos of HPS's CLIP, through the scorer's own `preprocess_tensor` (resize longest side + pad,
+  the transform its scoring path uses too).
 The held-out evaluation scores PIL images through each scorer's `score_pairs` (the scoring path), with the
-same weights. Scales differ (ImageReward: normalised, about -2..2; CLIP / BLIP: a cosine, about 0.1..0.4;
-Aesthetic: about 1..10), so weights trade them off in their own units.
+same weights. Scales differ (ImageReward: normalised, about -2..2; CLIP / BLIP / HPS: a cosine, about 0.1..0.4;
+PickScore: about 15..25; Aesthetic: about 1..10), so weights trade them off in their own units. Each term's
+value is reported beside the sum (`WeightedReward.term_scores`, the held-out `eval_reward/<term>` metrics).
 """
 from __future__ import annotations
 
@@ -37,8 +41,9 @@ def parse_reward(text: str | None) -> list[RewardTerm]:
     """`SOURCE[:WEIGHT][,SOURCE[:WEIGHT]...]` -> terms; an existing path is one term even with commas or colons.
 
     SOURCE: a scorer spec of `rayapp.scorers` -- a name in any case (ImageReward / ImageReward-v1.0, CLIP,
-    BLIP, Aesthetic), NAME:tiny for random toy weights (`tiny` alone: the random tiny ImageReward), an official
-    .pt, a save_pretrained directory or a URI. WEIGHT: a float after the last colon (default 1).
+    BLIP, Aesthetic, PickScore, HPSv2, HPSv2.1), NAME:tiny for random toy weights (`tiny` alone: the random
+    tiny ImageReward), an official .pt, a save_pretrained directory or a URI. WEIGHT: a float after the last
+    colon (default 1).
     """
     if text is None or str(text).strip().lower() in ("", "none", "null"):
         return [RewardTerm(scorers.TINY, 1.0)]
@@ -100,16 +105,36 @@ def differentiable_scores(scorer, images_0_1: torch.Tensor, prompts: list[str]) 
     """Scores [B] with a graph back to the images: ImageReward's `reward`, a baseline's `forward_scores`."""
     if hasattr(scorer, "reward"):
         return scorer.reward(images_0_1, prompts)
-    pixels = preprocess_tensor(images_0_1, scorer.image_size).to(device=scorer.device, dtype=scorer.dtype)
+    if hasattr(scorer, "preprocess_tensor"):  # a scorer with its own image transform (HPS: resize + pad)
+        pixels = scorer.preprocess_tensor(images_0_1)
+    else:
+        pixels = preprocess_tensor(images_0_1, scorer.image_size)
+    pixels = pixels.to(device=scorer.device, dtype=scorer.dtype)
     input_ids, attention_mask = scorer.tokenize(prompts)
     return scorer.forward_scores(pixels, input_ids.to(scorer.device), attention_mask.to(scorer.device))
 
 
+def term_labels(models: list) -> list[str]:
+    """One label per term: the scorer's registry name, numbered from the second use of the same name on."""
+    labels: list[str] = []
+    for model in models:
+        name = str(getattr(model, "name", None) or "ImageReward")
+        count = sum(1 for label in labels if label.split("#")[0] == name)
+        labels.append(name if count == 0 else f"{name}#{count + 1}")
+    return labels
+
+
 class WeightedReward:
-    """sum_i weight_i x scorer_i: `reward` (differentiable, ReFL's objective) and `score_pairs` (PIL path)."""
+    """sum_i weight_i x scorer_i: `reward` (differentiable, ReFL's objective) and `score_pairs` (PIL path).
+
+    `terms` names each scorer (`term_labels`); `last_terms` holds the mean unweighted value of each term in the
+    last `reward` call, `score_terms` each term's scores of (prompt, PIL image) pairs.
+    """
 
     def __init__(self, models: list, weights: list[float], labels: list[str]):
         self.scorers, self.weights, self.labels = list(models), [float(w) for w in weights], list(labels)
+        self.terms = term_labels(self.scorers)
+        self.last_terms: dict[str, float] = {}
 
     def __call__(self, images_0_1: torch.Tensor, prompts: str | list[str]) -> torch.Tensor:
         """The differentiable reward (`reward`): what the training step calls."""
@@ -119,15 +144,26 @@ class WeightedReward:
         """Weighted sum of the scorers' differentiable scores, float32 [B]."""
         prompts = [prompts] * images_0_1.shape[0] if isinstance(prompts, str) else list(prompts)
         total = None
-        for scorer, weight in zip(self.scorers, self.weights):
-            part = weight * differentiable_scores(scorer, images_0_1, prompts).float().to(images_0_1.device)
-            total = part if total is None else total + part
+        last = {}
+        for scorer, weight, term in zip(self.scorers, self.weights, self.terms):
+            value = differentiable_scores(scorer, images_0_1, prompts).float().to(images_0_1.device)
+            last[term] = float(value.detach().mean())
+            total = weight * value if total is None else total + weight * value
+        self.last_terms = last
         return total
+
+    def score_terms(self, prompts: list[str], images: list) -> dict[str, list[float]]:
+        """Each term's (unweighted) scores of (prompt, PIL image) pairs, by term label."""
+        return {term: scorer.score_pairs(list(prompts), list(images)) for term, scorer in zip(self.terms, self.scorers)}
+
+    def combine(self, per_term: dict[str, list[float]]) -> list[float]:
+        """The weighted sum of `score_terms`' values, per pair."""
+        columns = [per_term[term] for term in self.terms]
+        return [sum(w * column[i] for w, column in zip(self.weights, columns)) for i in range(len(columns[0]))]
 
     def score_pairs(self, prompts: list[str], images: list) -> list[float]:
         """Weighted sum of the scorers' scores of (prompt, PIL image) pairs."""
-        per_scorer = [scorer.score_pairs(list(prompts), list(images)) for scorer in self.scorers]
-        return [sum(w * s[i] for w, s in zip(self.weights, per_scorer)) for i in range(len(prompts))]
+        return self.combine(self.score_terms(prompts, images))
 
     def set_dtype(self, dtype) -> WeightedReward:
         for scorer in self.scorers:

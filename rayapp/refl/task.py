@@ -84,6 +84,8 @@ class ReFLTask(TrainingTask):
             loss = loss + reward_loss
             stats["loss_reward"] = float(reward_loss.detach())
             stats.update({k: float(v) for k, v in details.items() if k != "objective"})
+            if len(getattr(self.reward, "last_terms", {})) > 1:  # a reward mix: each term's mean, unweighted
+                stats.update({f"reward_train/{term}": v for term, v in self.reward.last_terms.items()})
         if use_pretrain:
             pretrain_loss = pretrain_loss_step(engine, self.parts, next(self.pretrain_batches), device, seed + 17)
             loss = loss + cfg.pretrain_weight * pretrain_loss
@@ -101,7 +103,8 @@ class ReFLTask(TrainingTask):
         record = {"step": step, "objective": self.cfg.objective,
                   "grad_index": [int(s["grad_index"]) for s in planned],
                   "grad_steps": [int(s["grad_steps"]) for s in planned]}
-        for key in ("loss_reward", "loss_pretrain", "reward_train"):
+        terms = sorted({key for s in micro_stats for key in s if key.startswith("reward_train/")})
+        for key in ("loss_reward", "loss_pretrain", "reward_train", *terms):
             values = [s[key] for s in micro_stats if key in s]
             if values:
                 record[key] = sum(values) / len(values)

@@ -50,14 +50,24 @@ def png_bytes(img) -> bytes:
 
 def reward_curve(history: Sequence[dict], path: str | os.PathLike, *, key: str = "eval_reward",
                  title: str = "ReFL: mean reward on held-out prompts") -> Path:
-    """Plot `key` (and eval_reward_tensor if present) against "step" from eval records; save a PNG."""
+    """Plot `key` (and eval_reward_tensor if present) against "step" from eval records; save a PNG.
+
+    A reward mix's terms (`eval_reward/<term>`, each in its own units) get a panel each beside the sum."""
     from rayapp.eval.plots import pyplot, save_png
 
     plt = pyplot()
     points = [(h["step"], h[key]) for h in history if key in h]
     if not points:
         raise ValueError(f"no {key!r} in the history")
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    terms = list(dict.fromkeys(k.split("/", 1)[1] for h in history for k in h if k.startswith(f"{key}/")))
+    fig, axes = plt.subplots(1, 1 + len(terms), figsize=(6 + 4 * len(terms), 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    for term_ax, term in zip(axes[0][1:], terms):
+        term_points = [(h["step"], h[f"{key}/{term}"]) for h in history if f"{key}/{term}" in h]
+        term_ax.plot([p[0] for p in term_points], [p[1] for p in term_points], marker="o", color="tab:green")
+        term_ax.set_title(f"term {term} (unweighted)")
+        term_ax.set_xlabel("optimizer update")
+        term_ax.grid(alpha=0.3)
     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{key} (PIL scoring path)")
     tensor = [(h["step"], h["eval_reward_tensor"]) for h in history if "eval_reward_tensor" in h]
     if tensor:

@@ -20,7 +20,7 @@ from rayapp.model.checkpoint import load_state_strict, read_state_dict
 from rayapp.model.modeling import RewardHead  # the same five-Linear, no-activation MLP
 
 from .base import BaselineScorer
-from .download import RealWeights, fetch_weights
+from .download import CLIP_HUB_REPO, RealWeights, fetch_weights
 
 AESTHETIC_WEIGHTS_URL = (
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
@@ -83,7 +83,8 @@ def load_real(source: RealWeights) -> AestheticScorer:
     """CLIP's vision tower from `source.clip_model`, the predictor MLP from `source.weights` or the LAION URL."""
     from transformers import CLIPVisionModelWithProjection
 
-    vision = CLIPVisionModelWithProjection.from_pretrained(source.clip_model, cache_dir=source.cache_dir)
+    vision = CLIPVisionModelWithProjection.from_pretrained(source.clip_model or CLIP_HUB_REPO,
+                                                           cache_dir=source.cache_dir)
     path = fetch_weights(source.weights or AESTHETIC_WEIGHTS_URL, source.download_root)
     state = read_state_dict(path)
     # the MLP's widths come from the file (768 -> 1024 -> 128 -> 64 -> 16 -> 1 for the LAION predictor)

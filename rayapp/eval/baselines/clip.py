@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import BaselineScorer
-from .download import RealWeights
+from .download import CLIP_HUB_REPO, RealWeights
 
 
 class CLIPScorer(BaselineScorer):
@@ -95,6 +95,6 @@ def load_real(source: RealWeights) -> CLIPScorer:
     """`source.clip_model` (hub name or local dir) with its tokenizer, unless `source.tokenizer` names another."""
     from transformers import CLIPModel
 
-    model = CLIPModel.from_pretrained(source.clip_model, cache_dir=source.cache_dir)
-    tokenizer = clip_tokenizer(source.tokenizer if source.tokenizer is not None else source.clip_model)
+    model = CLIPModel.from_pretrained(source.clip_model or CLIP_HUB_REPO, cache_dir=source.cache_dir)
+    tokenizer = clip_tokenizer(source.tokenizer if source.tokenizer is not None else source.clip_model or CLIP_HUB_REPO)
     return CLIPScorer(model.config, tokenizer, model=model)

@@ -18,8 +18,10 @@ class RealWeights:
     download_root: str | os.PathLike | None = None  # cache of URL downloads (default ~/.cache/ImageReward)
     weights: str | None = None  # a local file, hf://owner/repo/file or a URL instead of the module's default
     tokenizer: Any = None  # a tokenizer object, dir or hub name instead of the module's default
-    clip_model: str = CLIP_HUB_REPO  # CLIP hub name or local transformers dir (CLIP, Aesthetic)
+    clip_model: str | None = None  # CLIP hub name or local transformers dir (default: each module's own)
     blip_preset: str = "imagereward-v1"  # encoder shapes of the BLIP file
+    architecture: Any = None  # HPS: an open_clip architecture name or config dict (default ViT-H-14)
+    scorer: str | None = None  # the registry name being loaded (HPS: which version's file)
 
     @property
     def cache_dir(self) -> str | None:
