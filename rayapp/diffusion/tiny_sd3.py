@@ -15,7 +15,14 @@ import json
 import os
 from pathlib import Path
 
-from .tiny import TINY_IMAGE_SIZE, TINY_VAE_CHANNELS, TINY_WORDS, build_tiny_clip_tokenizer, seeded_build, tiny_text_config
+from .tiny import (
+    TINY_IMAGE_SIZE,
+    TINY_VAE_CHANNELS,
+    TINY_WORDS,
+    build_tiny_clip_tokenizer,
+    seeded_build,
+    tiny_text_config,
+)
 
 TINY_FLOW_LATENT_CHANNELS = 16  # SD3 and FLUX VAEs: 16 latent channels
 TINY_T5_HIDDEN = 64  # SD3: 4096 (T5-XXL); the joint attention width of the tiny SD3 transformer
