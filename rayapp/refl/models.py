@@ -3,6 +3,7 @@ SDXL, SD3 / SD3.5 or FLUX.1, see rayapp.diffusion.parts), LoRA adapters, and the
 in `rewards.py`."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -69,11 +70,16 @@ def save_final_model(unet, parts: DiffusionParts, cfg: ReFLConfig, out_dir: Path
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        layers = get_peft_model_state_dict(unet)
+        if parts.family.denoiser == "unet":  # UNet LoRA files use diffusers' own names; transformers keep peft's
+            layers = convert_state_dict_to_diffusers(layers)
         layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
-        layer_kwarg = f"{parts.family.denoiser}_lora_layers"  # unet_lora_layers / transformer_lora_layers
-        pipeline_class.save_lora_weights(save_directory=os.fspath(out_dir), safe_serialization=True,
-                                         **{layer_kwarg: layers})
+        name = parts.family.denoiser  # unet_lora_layers / transformer_lora_layers
+        kwargs = {f"{name}_lora_layers": layers}
+        if f"{name}_lora_adapter_metadata" in inspect.signature(pipeline_class.save_lora_weights).parameters:
+            # rank and alpha travel with the weights: without them load_lora_weights assumes alpha = rank
+            kwargs[f"{name}_lora_adapter_metadata"] = unet.peft_config["default"].to_dict()
+        pipeline_class.save_lora_weights(save_directory=os.fspath(out_dir), safe_serialization=True, **kwargs)
     else:
         pipe = base_pipeline(cfg)  # fp32 frozen parts from the source, not their training-dtype copies
         denoiser = getattr(pipe, parts.family.denoiser)
