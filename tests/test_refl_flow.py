@@ -55,11 +55,13 @@ def flow_runs(ray_cluster, tmp_path_factory, flow_bases) -> dict[tuple[str, str]
     for family, (preset, _) in FAMILIES.items():
         common = ("--pretrained", str(flow_bases[family]), "--pretrain-data", str(root / "synth" / "train"))
         runs[family, "lora"] = _job(ray_cluster, root / f"{family}-lora", preset, *common)
-        runs[family, "full"] = _job(ray_cluster, root / f"{family}-full", preset, *common, "--lora-rank", "0")
+        runs[family, "full"] = _job(ray_cluster, root / f"{family}-full", preset, *common[:2], "--lora-rank", "0",
+                                    "--pretrain-weight", "0")  # the LoRA runs cover the pre-training loss
     for (family, kind), proc in runs.items():
         proc.wait(timeout=1500)
         output = (root / f"{family}-{kind}").with_suffix(".log").read_text()
         assert proc.returncode == 0, f"{family} {kind} job failed:\n{output[-4000:]}"
+        print(f"{family} {kind}: {[(h['step'], h['eval_reward']) for h in _history(root / f'{family}-{kind}')]}")
     return {key: root / f"{key[0]}-{key[1]}" for key in runs}
 
 

@@ -5,7 +5,9 @@ The dataclass defaults are the paper / reference recipe for SD 1.x (40 sampling 
 100 updates) plus the paper's pre-training loss. Presets are data in `presets/*.json`: `offline` (the tiny
 pipeline and tiny RM on 2 CPUs, no download), `offline-sdxl` (the same with the tiny SDXL pipeline), `sd15`
 (the paper's recipe on Stable Diffusion 1.5), `sd14` (the reference run's base model, SD 1.4) and `sdxl` (the
-reference's SDXL LoRA recipe: 1024 px, 16 prompts per GPU, lr 1e-4, LoRA rank 4).
+reference's SDXL LoRA recipe: 1024 px, 16 prompts per GPU, lr 1e-4, LoRA rank 4); for the flow-matching
+transformers `offline-sd3` / `offline-flux` (the tiny SD3 / FLUX pipelines on 2 CPUs) and `sd35-medium` / `flux-dev`
+(flow-GRPO's SD3.5-M and FLUX.1-dev recipes: 512 px, LoRA rank 32 / alpha 64, lr 3e-4; see docs/REFL.md).
 
 Objectives (`objective`) share one sampled trajectory and differ only in where the gradient flows:
 `refl` (one step drawn from [grad_step_min, grad_step_max], the chain cut there), `draft-k` (the last
