@@ -109,7 +109,8 @@ FLOW_VAE = {
     "use_post_quant_conv": False,
 }
 CLIP_L_TEXT = {**SD15_TEXT, "projection_dim": 768}
-CLIP_G_TEXT = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+CLIP_G_TEXT = {"vocab_size": 49408,
+               "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
                "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280}
 T5_XXL = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
           "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
@@ -762,7 +763,7 @@ def flow_pipeline(spec: dict, device):
 
     clip_tokenizer, t5_tokenizer = build_tiny_clip_tokenizer(), build_tiny_t5_tokenizer()
     special = {"bos_token_id": clip_tokenizer.bos_token_id, "eos_token_id": clip_tokenizer.eos_token_id,
-               "pad_token_id": clip_tokenizer.pad_token_id, "vocab_size": len(clip_tokenizer)}
+               "pad_token_id": clip_tokenizer.pad_token_id}
     t5_config = T5Config(**spec["t5"], vocab_size=len(t5_tokenizer), is_encoder_decoder=False, use_cache=False,
                          dropout_rate=0.0, pad_token_id=t5_tokenizer.pad_token_id,
                          eos_token_id=t5_tokenizer.eos_token_id)
