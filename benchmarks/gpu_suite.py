@@ -19,6 +19,12 @@ others still run; the exit status is 1 if any failed):
            ImageReward as the reward, through `rayapp.refl.objective.reward_loss_step` and a DeepSpeed bf16
            engine in this one process (as `rayapp.refl.task` does in each worker): full UNet and LoRA rank 4,
            each with and without gradient checkpointing: s/update and peak GPU memory.
+  refl_flow  one LoRA ReFL update (rank 32, alpha 64: flow-GRPO's SD3.5-M LoRA) at Stable Diffusion 3.5 Medium
+           size and at FLUX.1-dev size (transformer, 16-channel VAE, CLIP + T5-XXL text encoders from the config
+           dicts below; frozen parts and the transformer's base weights in bf16, LoRA weights fp32), 512 px,
+           10 flow-matching Euler steps (flow-GRPO's training sampler), gradient step drawn from 7..9, the
+           full-size ImageReward as the reward, each with and without gradient checkpointing: s/update and peak
+           GPU memory; through the same `reward_loss_step` and DeepSpeed bf16 engine as `refl`.
   rm       a full-size reward-model training step (`rayapp.rm.task`'s model, loss and a DeepSpeed bf16 engine
            from `rayapp.runtime.engine.initialize_engine`, ZeRO-2, fix_rate 0.7) in one process: pairs/s and
            peak GPU memory at 4 and 16 pairs per step.
@@ -81,6 +87,57 @@ SMOKE_VAE = {**SD15_VAE, "block_out_channels": (32, 32, 32, 32), "layers_per_blo
 SMOKE_TEXT = {**SD15_TEXT, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "projection_dim": 32}
 
+# Stable Diffusion 3.5 Medium's component configs (stabilityai/stable-diffusion-3.5-medium transformer/, vae/,
+# text_encoder/ (CLIP-L), text_encoder_2 (OpenCLIP bigG), text_encoder_3 (T5-XXL) config.json), and FLUX.1-dev's
+# transformer (black-forest-labs/FLUX.1-dev transformer/config.json; its VAE has SD3's shape with FLUX's factors,
+# its text encoders are CLIP-L and T5-XXL). Written out so nothing is fetched.
+SD35M_TRANSFORMER = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm",
+}
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+FLOW_VAE = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4, "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+    "latent_channels": 16, "norm_num_groups": 32, "sample_size": 1024, "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+CLIP_L_TEXT = {**SD15_TEXT, "projection_dim": 768}
+CLIP_G_TEXT = {"vocab_size": 49408,
+               "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+               "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280}
+T5_XXL = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+          "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
+SD35M = {"family": "sd3", "transformer": SD35M_TRANSFORMER, "vae": {**FLOW_VAE, "scaling_factor": 1.5305,
+         "shift_factor": 0.0609}, "clip": (CLIP_L_TEXT, CLIP_G_TEXT), "t5": T5_XXL, "resolution": 512,
+         "scheduler": {"shift": 3.0}}
+FLUX_DEV = {"family": "flux", "transformer": FLUX_DEV_TRANSFORMER, "vae": {**FLOW_VAE, "scaling_factor": 0.3611,
+            "shift_factor": 0.1159}, "clip": (CLIP_L_TEXT,), "t5": T5_XXL, "resolution": 512,
+            "scheduler": {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                          "base_image_seq_len": 256, "max_image_seq_len": 4096}}
+# The same structures at toy widths for --smoke (4 VAE levels: the latent factor stays 8).
+SMOKE_TEXT_SMALL = {**SMOKE_TEXT, "projection_dim": 32}
+SMOKE_T5 = {"d_model": 64, "d_kv": 8, "d_ff": 128, "num_layers": 2, "num_heads": 8, "relative_attention_num_buckets": 8,
+            "feed_forward_proj": "gated-gelu"}
+SMOKE_FLOW_VAE = {**FLOW_VAE, "block_out_channels": (32, 32, 32, 32), "layers_per_block": 1, "sample_size": 64}
+SMOKE_SD3 = {**SD35M, "transformer": {**SD35M_TRANSFORMER, "sample_size": 8, "num_layers": 2, "attention_head_dim": 8,
+                                      "num_attention_heads": 4, "joint_attention_dim": 64, "caption_projection_dim": 32,
+                                      "pooled_projection_dim": 64, "pos_embed_max_size": 16,
+                                      "dual_attention_layers": (0,)},
+             "vae": {**SD35M["vae"], **SMOKE_FLOW_VAE}, "clip": (SMOKE_TEXT_SMALL, SMOKE_TEXT_SMALL), "t5": SMOKE_T5,
+             "resolution": 64}
+SMOKE_FLUX = {**FLUX_DEV, "transformer": {**FLUX_DEV_TRANSFORMER, "num_layers": 1, "num_single_layers": 2,
+                                          "attention_head_dim": 8, "num_attention_heads": 4, "joint_attention_dim": 64,
+                                          "pooled_projection_dim": 32, "axes_dims_rope": (2, 2, 4)},
+              "vae": {**FLUX_DEV["vae"], **SMOKE_FLOW_VAE}, "clip": (SMOKE_TEXT_SMALL,), "t5": SMOKE_T5,
+              "resolution": 64}
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -107,25 +164,32 @@ class Profile:
     rm_batches: tuple[int, ...] = (4, 16)  # pairs per training step (4 = the reference's per-GPU micro-batch)
     rm_steps: int = 5  # timed steps per batch size, after two warm-up steps
     section_limit_s: dict = field(default_factory=dict)  # a stuck section is stopped after this long
+    flow_models: dict = field(default_factory=dict, repr=False)  # refl_flow: case prefix -> component configs
+    flow_inference_steps: int = 10
+    flow_grad_range: tuple[int, int] = (7, 9)
 
 
 FULL = Profile(
     name="full", device="cuda", rm_preset="imagereward-v1", rm_train_preset="imagereward-v1",
     score_batches=(64, 256), min_seconds=3.0, matmul_n=8192, serve_clients=64, serve_batch=64,
     serve_seconds=10.0, serve_image_side=256, refl_unet=SD15_UNET, refl_vae=SD15_VAE, refl_text=SD15_TEXT,
-    section_limit_s={"scoring": 90, "serve": 180, "refl": 180, "rm": 90},
+    section_limit_s={"scoring": 90, "serve": 180, "refl": 180, "rm": 90, "refl_flow": 300},
+    flow_models={"sd35m": SD35M, "flux": FLUX_DEV},
 )
 SMOKE = Profile(
     name="smoke", device="cpu", rm_preset="tiny", rm_train_preset="offline",
     score_batches=(64, 256), min_seconds=0.2, matmul_n=512, serve_clients=4, serve_batch=4,
     serve_seconds=2.0, serve_image_side=64, refl_unet=SMOKE_UNET, refl_vae=SMOKE_VAE, refl_text=SMOKE_TEXT,
     refl_inference_steps=4, refl_grad_range=(2, 3), refl_batch=1, refl_updates=1, rm_batches=(4, 16), rm_steps=2,
-    section_limit_s={"scoring": 300, "serve": 300, "refl": 300, "rm": 300},
+    section_limit_s={"scoring": 300, "serve": 300, "refl": 300, "rm": 300, "refl_flow": 300},
+    flow_models={"sd35m": SMOKE_SD3, "flux": SMOKE_FLUX}, flow_inference_steps=4, flow_grad_range=(2, 3),
 )
 
 GOALS = {"scoring_img_s": 2500.0, "scoring_roof_share": 0.45, "serve_speedup": 3.0, "total_seconds": 480.0}
-SECTIONS = ("scoring", "serve", "refl", "rm")
+SECTIONS = ("scoring", "serve", "refl", "rm", "refl_flow")
 REFL_CASES = (("full", 0, False), ("full_gc", 0, True), ("lora4", 4, False), ("lora4_gc", 4, True))
+FLOW_LORA_RANK, FLOW_LORA_ALPHA = 32, 64  # flow-GRPO's SD3.5-M LoRA
+FLOW_CASES = (("lora32", False), ("lora32_gc", True))
 
 
 class SectionTimeout(Exception):
@@ -663,10 +727,159 @@ def section_rm(profile: Profile, work: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# (e) ReFL on flow-matching transformers (SD3.5 Medium, FLUX.1-dev)
+# ---------------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def built_on(device, dtype):
+    """Modules created inside are initialised on `device` in `dtype` (no fp32 copy of a 12B transformer first)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def flow_pipeline(spec: dict, device):
+    """A StableDiffusion3Pipeline / FluxPipeline from `spec`'s component configs, random weights, bf16 on
+    `device`; tokenizers are the tiny offline ones (the vocabulary size changes no FLOPs of the update)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from rayapp.diffusion.tiny import build_tiny_clip_tokenizer
+    from rayapp.diffusion.tiny_sd3 import build_tiny_t5_tokenizer
+
+    clip_tokenizer, t5_tokenizer = build_tiny_clip_tokenizer(), build_tiny_t5_tokenizer()
+    special = {"bos_token_id": clip_tokenizer.bos_token_id, "eos_token_id": clip_tokenizer.eos_token_id,
+               "pad_token_id": clip_tokenizer.pad_token_id}
+    t5_config = T5Config(**spec["t5"], vocab_size=len(t5_tokenizer), is_encoder_decoder=False, use_cache=False,
+                         dropout_rate=0.0, pad_token_id=t5_tokenizer.pad_token_id,
+                         eos_token_id=t5_tokenizer.eos_token_id)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **spec["scheduler"])
+    with built_on(device, torch.bfloat16):
+        vae = AutoencoderKL(**spec["vae"])
+        t5 = T5EncoderModel(t5_config)
+        if spec["family"] == "sd3":
+            clip = [CLIPTextModelWithProjection(CLIPTextConfig(**text, **special)) for text in spec["clip"]]
+            transformer = SD3Transformer2DModel(**spec["transformer"])
+        else:
+            clip = [CLIPTextModel(CLIPTextConfig(**spec["clip"][0], **special))]
+            transformer = FluxTransformer2DModel(**spec["transformer"])
+    if spec["family"] == "sd3":
+        return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip[0],
+                                        tokenizer=clip_tokenizer, text_encoder_2=clip[1], tokenizer_2=clip_tokenizer,
+                                        text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip[0], tokenizer=clip_tokenizer,
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
+
+
+def flow_refl_case(profile: Profile, device, spec: dict, rm, checkpointing: bool, memory: PeakMemory) -> dict:
+    """Timed LoRA ReFL updates (one warm-up first) on a flow-matching pipeline; s/update and peak memory."""
+    import torch
+
+    from rayapp.diffusion.parts import parts_from_pipeline
+    from rayapp.refl.config import ReFLConfig
+    from rayapp.refl.models import add_lora
+    from rayapp.refl.objective import reward_loss_step
+    from rayapp.runtime import engine as rt
+
+    low, high = profile.flow_grad_range
+    cfg = ReFLConfig(
+        pretrained="from-config", reward=None, scheduler="flow-euler", num_inference_steps=profile.flow_inference_steps,
+        grad_step_min=low, grad_step_max=high, lora_rank=FLOW_LORA_RANK, lora_alpha=FLOW_LORA_ALPHA,
+        gradient_checkpointing=checkpointing, precision="bf16", train_batch_size=profile.refl_batch,
+        gradient_accumulation_steps=1, num_workers=1, use_gpu=device.type == "cuda", max_steps=profile.refl_updates + 1,
+        pretrain_weight=0.0, guidance_scale=1.0, learning_rate=3e-4, resolution=spec["resolution"], output_dir="unused",
+    )
+    cfg.validate()
+    memory.reset()
+    parts = parts_from_pipeline(flow_pipeline(spec, device), device=device, frozen_dtype=torch.bfloat16,
+                                resolution=spec["resolution"])
+    transformer = parts.unet
+    add_lora(transformer, cfg, parts.family.lora_targets)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in transformer.parameters())
+    engine = rt.initialize_engine(transformer, cfg, total_steps=cfg.max_steps, world_size=1, precision="bf16",
+                                  optimizer="AdamW")
+    prompts = [REFL_PROMPT] * profile.refl_batch
+    times, grad_indices = [], []
+    try:
+        for update in range(profile.refl_updates + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            loss, stats = reward_loss_step(engine, engine.module, parts, rm, prompts, cfg, device, "bf16", update)
+            engine.backward(loss)
+            engine.step()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            grad_indices.append(stats["grad_index"])
+        peak = memory.peak_gib()
+    finally:
+        destroy_engine(engine)
+        del engine, transformer, parts
+        release_memory()
+    timed = times[1:] or times
+    return {"s_per_update": statistics.median(timed), "update_seconds": times, "peak_memory_gib": peak,
+            "baseline_memory_gib": memory.baseline_gib, "trainable_params_m": trainable / 1e6,
+            "transformer_params_m": total / 1e6, "grad_indices": grad_indices, "lora_rank": FLOW_LORA_RANK,
+            "gradient_checkpointing": checkpointing, "resolution": spec["resolution"]}
+
+
+def section_refl_flow(profile: Profile, work: Path) -> dict:
+    """One LoRA ReFL update at SD3.5-Medium and FLUX.1-dev size, each with and without gradient checkpointing."""
+    import torch
+
+    single_process_distributed_env()
+    device = torch.device(profile.device)
+    memory = PeakMemory(device)
+    rm = reward_model(profile.rm_preset, device)
+    cases, errors, figures = {}, {}, {}
+    for model, spec in profile.flow_models.items():
+        for suffix, checkpointing in FLOW_CASES:
+            name = f"{model}_{suffix}"
+            try:
+                cases[name] = flow_refl_case(profile, device, spec, rm, checkpointing, memory)
+            except SectionTimeout:
+                raise
+            except Exception as err:  # noqa: BLE001 -- e.g. out of memory in one case: the others still count
+                errors[name] = f"{type(err).__name__}: {err}"
+                release_memory()
+                continue
+            figures[f"refl_flow.{name}.s_per_update"] = cases[name]["s_per_update"]
+            figures[f"refl_flow.{name}.peak_memory_gib"] = cases[name]["peak_memory_gib"]
+    result = {
+        "figures": figures, "cases": cases, "case_errors": errors, "memory_measure": memory.kind,
+        "prompts_per_update": profile.refl_batch, "sampling_steps": profile.flow_inference_steps,
+        "grad_step_range": list(profile.flow_grad_range), "reward": profile.rm_preset,
+        "lora": f"rank {FLOW_LORA_RANK}, alpha {FLOW_LORA_ALPHA}",
+        "engine": "DeepSpeed ZeRO-2, bf16 autocast, AdamW, 1 process; frozen weights bf16, LoRA fp32",
+    }
+    if errors:
+        raise SectionFailed(result, f"cases failed: {errors}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Running and reporting
 # ---------------------------------------------------------------------------------------------------------------
 
-RUNNERS = {"scoring": section_scoring, "serve": section_serve, "refl": section_refl, "rm": section_rm}
+RUNNERS = {"scoring": section_scoring, "serve": section_serve, "refl": section_refl, "rm": section_rm,
+           "refl_flow": section_refl_flow}
 
 
 def _alarm(signum, frame):
@@ -764,6 +977,17 @@ def refl_markdown(sec: dict) -> list[str]:
     return [head, "", "| case | trainable M | s/update | peak GiB |", "|---|---:|---:|---:|", *rows]
 
 
+def refl_flow_markdown(sec: dict) -> list[str]:
+    head = (f"LoRA {sec['lora']}, {sec['prompts_per_update']} prompts/update, {sec['sampling_steps']} flow-matching "
+            f"Euler steps, gradient step in {sec['grad_step_range']}, reward {sec['reward']}; {sec['engine']}; "
+            f"memory: {sec['memory_measure']}.")
+    rows = [(f"| {case} | {r['resolution']} | {fmt(r['transformer_params_m'], 1)} | {fmt(r['trainable_params_m'], 1)} "
+             f"| {fmt(r['s_per_update'], 3)} | {fmt(r['peak_memory_gib'], 1)} |") for case, r in sec["cases"].items()]
+    rows += [f"| {case} | failed: {err} | | | | |" for case, err in sec.get("case_errors", {}).items()]
+    return [head, "", "| case | px | transformer M | trainable M | s/update | peak GiB |",
+            "|---|---:|---:|---:|---:|---:|", *rows]
+
+
 def rm_markdown(sec: dict) -> list[str]:
     head = (f"{sec['model_preset']} ({fmt(sec['params_m'], 1)} M parameters, {fmt(sec['trainable_params_m'], 1)} M "
             f"trained, fix_rate {sec['fix_rate']}); {sec['engine']}; memory: {sec['memory_measure']}.")
@@ -774,7 +998,7 @@ def rm_markdown(sec: dict) -> list[str]:
 
 # Per section: the Markdown writer and the result key it needs (absent when the section failed early).
 MARKDOWN = {"scoring": (scoring_markdown, "rows"), "serve": (serve_markdown, "cases"),
-            "refl": (refl_markdown, "cases"), "rm": (rm_markdown, "rows")}
+            "refl": (refl_markdown, "cases"), "rm": (rm_markdown, "rows"), "refl_flow": (refl_flow_markdown, "cases")}
 
 
 def markdown(report: dict) -> str:

@@ -5,7 +5,9 @@ The dataclass defaults are the paper / reference recipe for SD 1.x (40 sampling 
 100 updates) plus the paper's pre-training loss. Presets are data in `presets/*.json`: `offline` (the tiny
 pipeline and tiny RM on 2 CPUs, no download), `offline-sdxl` (the same with the tiny SDXL pipeline), `sd15`
 (the paper's recipe on Stable Diffusion 1.5), `sd14` (the reference run's base model, SD 1.4) and `sdxl` (the
-reference's SDXL LoRA recipe: 1024 px, 16 prompts per GPU, lr 1e-4, LoRA rank 4).
+reference's SDXL LoRA recipe: 1024 px, 16 prompts per GPU, lr 1e-4, LoRA rank 4); for the flow-matching
+transformers `offline-sd3` / `offline-flux` (the tiny SD3 / FLUX pipelines on 2 CPUs) and `sd35-medium` / `flux-dev`
+(flow-GRPO's SD3.5-M and FLUX.1-dev recipes: 512 px, LoRA rank 32 / alpha 64, lr 3e-4; see docs/REFL.md).
 
 Objectives (`objective`) share one sampled trajectory and differ only in where the gradient flows:
 `refl` (one step drawn from [grad_step_min, grad_step_max], the chain cut there), `draft-k` (the last
@@ -25,6 +27,7 @@ from rayapp.runtime.config import TrainingConfig
 PRESETS = load_presets(Path(__file__).with_name("presets"))
 DEFAULT_PRESET = "offline"
 OBJECTIVES = ("refl", "draft-k", "draft-lv", "alignprop")
+SCHEDULERS = ("ddim", "ddpm", "flow-euler")
 
 DEFAULT_EVAL_PROMPTS = (
     "one large red circle on a white background",
@@ -44,11 +47,15 @@ class ReFLConfig(TrainingConfig):
     preset: str = option("sd15", "the named defaults this config started from (set by --preset)")
     # --- models ---
     pretrained: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5",
-                             "SD 1.x/2.x or SDXL pipeline: hub name, a save_pretrained dir, or 'tiny' / "
-                             "'tiny-sdxl' (random-weight tiny pipelines built from configs on every worker)")
-    tiny_seed: int = option(0, "torch seed of the tiny pipeline's weights (pretrained='tiny' or 'tiny-sdxl')")
-    resolution: int | None = option(None, "output pixels (square; a multiple of the VAE factor); none = the "
-                                          "pipeline's own (512 SD 1.x, 1024 SDXL, 64 tiny)")
+                             "SD 1.x/2.x, SDXL, SD3 / SD3.5 or FLUX.1 pipeline: hub name, a save_pretrained dir, "
+                             "or 'tiny' / 'tiny-sdxl' / 'tiny-sd3' / 'tiny-flux' (random-weight tiny pipelines "
+                             "built from configs on every worker)")
+    tiny_seed: int = option(0, "torch seed of the tiny pipeline's weights (pretrained='tiny*')")
+    use_t5: bool = option(True, "SD3: load the optional T5 text encoder; false drops it (its states are zeros, as "
+                                "diffusers does without text_encoder_3: ~9 GB less at full size); FLUX needs it")
+    resolution: int | None = option(None, "output pixels (square; a multiple of the VAE factor, x 2 for SD3 / "
+                                          "FLUX patches); none = the pipeline's own (512 SD 1.x, 1024 SDXL / "
+                                          "SD3 / FLUX, 64 tiny)")
     reward: str | None = option("ImageReward-v1.0", "reward: an ImageReward (name, official .pt or rayapp dir), "
                                                     "'tiny' (the random-but-fixed tiny RM), another scorer "
                                                     "(CLIP, BLIP, Aesthetic, PickScore, HPSv2, HPSv2.1, "
@@ -67,10 +74,11 @@ class ReFLConfig(TrainingConfig):
     num_inference_steps: int = option(40, "scheduler steps per sample (SPEC 3: 40)")
     grad_step_min: int = option(30, "0-based index of the earliest sampling step that may carry the gradient")
     grad_step_max: int = option(39, "latest such index (inclusive); drawn uniformly in [min, max] per update")
-    scheduler: str = option("ddim", "'ddim' or 'ddpm' (the pipeline's beta schedule is kept)")
+    scheduler: str = option("ddim", "'ddim' or 'ddpm' (the pipeline's beta schedule is kept); SD3 / FLUX always "
+                                    "sample with their flow-matching Euler scheduler ('flow-euler', set for them)")
     eta: float = option(0.0, "DDIM eta (0 = deterministic DDIM); ignored by DDPM")
     guidance_scale: float = option(1.0, "classifier-free guidance weight; <= 1 = none (the reference trains "
-                                         "without)")
+                                         "without); FLUX: the guidance embedding's value (no CFG)")
     # --- objective ---
     objective: str = option("refl", "where the gradient flows along the sampled trajectory: refl, draft-k, "
                                     "draft-lv or alignprop")
@@ -92,9 +100,9 @@ class ReFLConfig(TrainingConfig):
     pretrain_batch_size: int = option(2, "images per worker per pre-training loss evaluation")
     # --- optimisation (shared fields: see TrainingConfig) ---
     max_steps: int = option(100, "optimizer updates in total (a resumed run continues up to this count)")
-    lora_rank: int | None = option(None, "0 = fine-tune the full UNet; > 0 = LoRA of this rank on the "
-                                         "attention projections; none = the family's default (SDXL: 4, SD "
-                                         "1.x: 0)")
+    lora_rank: int | None = option(None, "0 = fine-tune the full denoiser; > 0 = LoRA of this rank on the "
+                                         "attention projections; none = the family's default (SDXL: 4, SD3 / "
+                                         "FLUX: 32, SD 1.x: 0)")
     lora_alpha: float | None = option(None, "LoRA scale numerator (alpha / rank); none = rank (scale 1)")
     gradient_checkpointing: bool = option(False, "recompute UNet activations in backward (less memory, ~30% "
                                                  "slower)")
@@ -132,8 +140,8 @@ class ReFLConfig(TrainingConfig):
             raise ValueError(
                 f"need 0 <= grad_step_min <= grad_step_max < num_inference_steps, got "
                 f"[{self.grad_step_min}, {self.grad_step_max}] with {self.num_inference_steps} steps")
-        if self.scheduler not in ("ddim", "ddpm"):
-            raise ValueError(f"scheduler must be 'ddim' or 'ddpm', got {self.scheduler!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.pretrain_mode not in ("joint", "alternate"):
             raise ValueError(f"pretrain_mode must be 'joint' or 'alternate', got {self.pretrain_mode!r}")
         if self.pretrain_every < 1:

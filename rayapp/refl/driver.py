@@ -66,16 +66,23 @@ class ReFLJob(TrainingJob):
     exports = ("final", "eval")
 
     def resolve(self, cfg: ReFLConfig) -> ReFLConfig:
-        """From the pipeline's configs: its output resolution and the family's LoRA default (SDXL: LoRA rank 4;
-        SD 1.x: the full UNet). A wrong --pretrained fails here, before Ray starts any worker."""
+        """From the pipeline's configs: its output resolution, the family's LoRA default (SDXL: LoRA rank 4; SD3 /
+        FLUX: 32; SD 1.x: the full UNet) and sampler. A wrong --pretrained (unsupported class, a resolution the
+        VAE / patching cannot take, a missing text encoder) fails here, before Ray starts any worker."""
         from rayapp.diffusion import family_and_resolution
 
         if cfg.pretrain_enabled and not cfg.pretrain_data:
             raise ValueError("the pre-training loss is on (pretrain_weight > 0) but pretrain_data is not set; "
                              "pass an image-text Parquet set or pretrain_weight=0")
-        family, resolution = family_and_resolution(cfg.pretrained, cfg.resolution)
+        family, resolution = family_and_resolution(cfg.pretrained, cfg.resolution, cfg.use_t5)
         lora_rank = family.default_lora_rank if cfg.lora_rank is None else cfg.lora_rank
-        return replace(cfg, resolution=resolution, lora_rank=lora_rank)
+        scheduler = cfg.scheduler
+        if family.flow_matching:
+            scheduler = "flow-euler"  # the only sampler a velocity model has here
+        elif scheduler == "flow-euler":
+            raise ValueError(f"scheduler 'flow-euler' is for SD3 / FLUX; a {family.pipeline_class} samples with "
+                             "'ddim' or 'ddpm'")
+        return replace(cfg, resolution=resolution, lora_rank=lora_rank, scheduler=scheduler)
 
     def plan(self, cfg: ReFLConfig) -> tuple[Schedule, None]:
         return make_schedule(cfg), None
@@ -92,7 +99,7 @@ class ReFLJob(TrainingJob):
         return (f"[refl] {cfg.num_workers} workers x {resources}, {cfg.placement_strategy}; {cfg.max_steps} updates "
                 f"of {cfg.train_batch_size} prompts per worker x {cfg.gradient_accumulation_steps} accumulation; "
                 f"{cfg.pretrained}, {cfg.resolution} px, objective {cfg.objective}, "
-                f"{f'LoRA rank {cfg.lora_rank}' if cfg.lora_rank else 'full UNet'}; tracking: {cfg.tracking}; "
+                f"{f'LoRA rank {cfg.lora_rank}' if cfg.lora_rank else 'full denoiser'}; tracking: {cfg.tracking}; "
                 f"run {cfg.run_name} under {cfg.storage_path}")
 
 

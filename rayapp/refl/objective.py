@@ -67,16 +67,23 @@ def gradient_plan(cfg: ReFLConfig, rng: random.Random) -> GradientPlan:
 
 
 def predict_noise(unet, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
-                  guidance_scale: float, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """UNet output for (latents, t, text); classifier-free guidance when uncond is given and scale > 1.
+                  guidance_scale: float, dtype: torch.dtype | None = None,
+                  parts: DiffusionParts | None = None) -> torch.Tensor:
+    """Denoiser output (noise, v or flow velocity) for (latents, t, text); classifier-free guidance when uncond
+    is given and scale > 1; FLUX takes the scale as its guidance embedding instead.
 
-    `dtype`: cast the inputs to the UNet's weights' dtype (fp16 engines take no fp32 inputs)."""
+    `dtype`: cast the inputs to the denoiser's weights' dtype (fp16 engines take no fp32 inputs)."""
+    def call(x, c):
+        if parts is None:
+            return unet(x, t, **c.unet_kwargs()).sample
+        return parts.denoise(unet, x, t, c, guidance=guidance_scale)
+
     if uncond is not None and guidance_scale > 1.0:
         both = torch.cat([latents, latents])
-        out = unet(_cast(both, dtype), t, **_cast_cond(uncond.cat(cond), dtype).unet_kwargs()).sample
+        out = call(_cast(both, dtype), _cast_cond(uncond.cat(cond), dtype))
         out_uncond, out_cond = out.chunk(2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
-    return unet(_cast(latents, dtype), t, **_cast_cond(cond, dtype).unet_kwargs()).sample
+    return call(_cast(latents, dtype), _cast_cond(cond, dtype))
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -86,8 +93,7 @@ def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def _cast_cond(cond: Conditioning, dtype: torch.dtype | None) -> Conditioning:
     if dtype is None or dtype == torch.float32:
         return cond
-    return Conditioning(cond.encoder_hidden_states.to(dtype),
-                        {k: v.to(dtype) for k, v in cond.added_cond_kwargs.items()})
+    return cond.to(dtype)
 
 
 def predicted_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -105,13 +111,50 @@ def predicted_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor, t:
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+def step_x0(parts: DiffusionParts, sample: torch.Tensor, model_output: torch.Tensor, index: int) -> torch.Tensor:
+    """The clean-latent estimate at sampling step `index`: flow matching x0 = x_t - sigma_t v; else from the
+    noise / v prediction at the step's timestep."""
+    scheduler = parts.scheduler
+    if parts.flow_matching:
+        sigma = scheduler.sigmas[index].to(device=sample.device, dtype=torch.float32)
+        return sample.float() - sigma * model_output.float()
+    return predicted_x0(scheduler, sample, model_output, scheduler.timesteps[index])
+
+
+def noised_to_step(parts: DiffusionParts, x0: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
+    """`x0` noised to sampling step `index`'s level: (1 - sigma) x0 + sigma noise, or the scheduler's add_noise."""
+    scheduler = parts.scheduler
+    if parts.flow_matching:
+        sigma = scheduler.sigmas[index].to(device=x0.device, dtype=torch.float32)
+        return (1.0 - sigma) * x0 + sigma * noise
+    return scheduler.add_noise(x0, noise, scheduler.timesteps[index])
+
+
+def model_input(parts: DiffusionParts, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The scheduler's input scaling (Euler-type epsilon samplers); flow matching feeds x_t as it is."""
+    return latents if parts.flow_matching else parts.scheduler.scale_model_input(latents, t)
+
+
+def negative_conditioning(parts: DiffusionParts, count: int, cfg: ReFLConfig, device: torch.device):
+    """The classifier-free guidance negative when guidance is on and not a model input (FLUX), else None."""
+    if cfg.guidance_scale > 1.0 and not parts.family.embedded_guidance:
+        return parts.encode_negative(count, device)
+    return None
+
+
 def decode_to_images(parts: DiffusionParts, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0,1] (float32), differentiable through the frozen VAE decoder."""
     return parts.decode(latents)
 
 
-def scheduler_step(scheduler, model_output, t, latents, cfg: ReFLConfig, generator):
-    """One sampler step to the previous latents (DDIM with cfg.eta, or DDPM)."""
+def scheduler_step(parts: DiffusionParts, model_output, index: int, latents, cfg: ReFLConfig, generator):
+    """One sampler step from step `index` to the next latents: flow-matching Euler x + (sigma_next - sigma) v
+    (stateless), DDIM with cfg.eta, or DDPM."""
+    scheduler = parts.scheduler
+    if parts.flow_matching:
+        sigma, after = (scheduler.sigmas[i].to(device=latents.device, dtype=torch.float32) for i in (index, index + 1))
+        return latents.float() + (after - sigma) * model_output.float()
+    t = scheduler.timesteps[index]
     kwargs = {"generator": generator}
     if cfg.scheduler == "ddim":
         kwargs["eta"] = cfg.eta
@@ -122,7 +165,7 @@ def initial_latents(parts: DiffusionParts, seeds: list[int], device: torch.devic
     """Gaussian latents, one CPU generator per seed (same noise on any device / worker count)."""
     shape = (parts.latent_channels, parts.latent_size, parts.latent_size)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-    return noise.to(device) * parts.scheduler.init_noise_sigma
+    return noise.to(device) * getattr(parts.scheduler, "init_noise_sigma", 1.0)
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -154,8 +197,8 @@ def sample_chain(unet_grad, unet_nograd, parts: DiffusionParts, cond: Conditioni
         t = scheduler.timesteps[i]
 
         def denoise(z, unet, t=t):
-            return predict_noise(unet, scheduler.scale_model_input(z, t), t, cond, uncond, cfg.guidance_scale,
-                                 dtype)
+            return predict_noise(unet, model_input(parts, z, t), t, cond, uncond, cfg.guidance_scale, dtype,
+                                 parts)
 
         if i < plan.grad_from:
             with torch.no_grad(), autocast_for(precision, device):
@@ -164,8 +207,8 @@ def sample_chain(unet_grad, unet_nograd, parts: DiffusionParts, cond: Conditioni
             out = checkpoint(denoise, latents, unet_grad, use_reentrant=False)
         else:
             out = denoise(latents, unet_grad)
-        x0 = predicted_x0(scheduler, latents, out, t)
-        latents = scheduler_step(scheduler, out, t, latents, cfg, generator)
+        x0 = step_x0(parts, latents, out, i)
+        latents = scheduler_step(parts, out, i, latents, cfg, generator)
     return ChainResult(x0=x0, latents=latents)
 
 
@@ -173,16 +216,16 @@ def renoised_last_step(unet_grad, parts: DiffusionParts, cond: Conditioning, unc
                        x0: torch.Tensor, samples: int, cfg: ReFLConfig, generator: torch.Generator) -> torch.Tensor:
     """DRaFT-LV: `samples` re-noisings of the final sample to the last timestep, each denoised again with
     gradient; their clean-latent estimates stacked sample-major ([samples x B, ...])."""
-    scheduler = parts.scheduler
-    t = scheduler.timesteps[-1]
+    last = cfg.num_inference_steps - 1
+    t = parts.scheduler.timesteps[last]
     x0 = x0.detach()
     noise = torch.randn((samples, *x0.shape), generator=generator).to(x0.device)
-    noisy = torch.cat([scheduler.add_noise(x0, noise[j], t) for j in range(samples)])
+    noisy = torch.cat([noised_to_step(parts, x0, noise[j], last) for j in range(samples)])
     batch_cond = _repeat(cond, samples)
     batch_uncond = _repeat(uncond, samples) if uncond is not None else None
-    out = predict_noise(unet_grad, scheduler.scale_model_input(noisy, t), t, batch_cond, batch_uncond,
-                        cfg.guidance_scale, parts.unet.dtype)
-    return predicted_x0(scheduler, noisy, out, t)
+    out = predict_noise(unet_grad, model_input(parts, noisy, t), t, batch_cond, batch_uncond, cfg.guidance_scale,
+                        parts.unet.dtype, parts)
+    return step_x0(parts, noisy, out, last)
 
 
 def _repeat(cond: Conditioning, times: int) -> Conditioning:
@@ -202,9 +245,9 @@ def reward_loss_step(unet_grad, unet_nograd, parts: DiffusionParts, rm, prompts:
     DRaFT-LV re-noising alone."""
     plan = gradient_plan(cfg, random.Random(seed))
     scheduler = parts.scheduler
-    scheduler.set_timesteps(cfg.num_inference_steps, device=device)
+    parts.set_timesteps(cfg.num_inference_steps, device)
     cond = parts.encode_prompts(prompts, device)
-    uncond = parts.encode_negative(len(prompts), device) if cfg.guidance_scale > 1.0 else None
+    uncond = negative_conditioning(parts, len(prompts), cfg, device)
     latents = initial_latents(parts, [seed * 1009 + i for i in range(len(prompts))], device)
     generator = torch.Generator(device=device).manual_seed(seed)
     chain = sample_chain(unet_grad, unet_nograd, parts, cond, uncond, latents, plan, cfg, device, precision,
@@ -223,22 +266,40 @@ def reward_loss_step(unet_grad, unet_nograd, parts: DiffusionParts, rm, prompts:
                   "objective": plan.objective}
 
 
-def pretrain_loss_step(unet_grad, parts: DiffusionParts, batch: dict, device: torch.device, seed: int) -> torch.Tensor:
-    """Denoising loss || target - unet(z_t, t, text) ||^2 on a batch of ("pixels" in [-1,1], "caption")."""
+def pretrain_loss_step(unet_grad, parts: DiffusionParts, batch: dict, device: torch.device, seed: int,
+                       guidance_scale: float = 1.0) -> torch.Tensor:
+    """The family's own denoising loss on a batch of ("pixels" in [-1,1], "caption"): || eps (or v) - unet(z_t,
+    t, text) ||^2 for SD / SDXL; for flow matching || (noise - z0) - v(z_t, sigma, text) ||^2 at a sampled sigma
+    (FLUX with its guidance embedding at `guidance_scale`)."""
     scheduler = parts.scheduler
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.as_tensor(batch["pixels"]).to(device=device)
     z0 = parts.encode_images(pixels, gen)
     noise = torch.randn(z0.shape, generator=gen).to(device)
+    cond = _cast_cond(parts.encode_prompts([str(c) for c in batch["caption"]], device), parts.unet.dtype)
+    if parts.flow_matching:
+        sigma, t = training_sigmas(parts, z0.shape[0], gen)
+        sigma, t = sigma.to(device), t.to(device)
+        noisy = (1.0 - sigma[:, None, None, None]) * z0 + sigma[:, None, None, None] * noise
+        pred = parts.denoise(unet_grad, _cast(noisy, parts.unet.dtype), t, cond, guidance=guidance_scale)
+        return F.mse_loss(pred.float(), (noise - z0).float())
     t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=gen).to(device)
     noisy = scheduler.add_noise(z0, noise, t)
-    cond = parts.encode_prompts([str(c) for c in batch["caption"]], device)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(z0, noise, t)
     else:
         target = noise
-    pred = unet_grad(_cast(noisy, parts.unet.dtype), t, **_cast_cond(cond, parts.unet.dtype).unet_kwargs()).sample
+    pred = unet_grad(_cast(noisy, parts.unet.dtype), t, **cond.unet_kwargs()).sample
     return F.mse_loss(pred.float(), target.float())
+
+
+def training_sigmas(parts: DiffusionParts, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma, timestep) per sample for the flow-matching loss: a uniform draw over the scheduler's training
+    schedule (its 1000 sigmas with the static timestep shift, as diffusers' SD3 / FLUX training scripts)."""
+    schedule = type(parts.scheduler).from_config(parts.scheduler.config)
+    index = torch.randint(0, len(schedule.sigmas), (count,), generator=generator)
+    sigmas = schedule.sigmas.float()[index]
+    return sigmas, sigmas * schedule.config.num_train_timesteps
 
 
 @torch.no_grad()
@@ -246,10 +307,9 @@ def generate(unet, parts: DiffusionParts, prompts: list[str], seeds: list[int], 
              device: torch.device, precision: str) -> torch.Tensor:
     """Images in [0,1] for (prompt, seed) pairs with the full N-step sampler (fixed noise per seed), decoded
     from the sampler's final latents as a diffusers pipeline does."""
-    scheduler = parts.scheduler
-    scheduler.set_timesteps(cfg.num_inference_steps, device=device)
+    parts.set_timesteps(cfg.num_inference_steps, device)
     cond = parts.encode_prompts(prompts, device)
-    uncond = parts.encode_negative(len(prompts), device) if cfg.guidance_scale > 1.0 else None
+    uncond = negative_conditioning(parts, len(prompts), cfg, device)
     latents = initial_latents(parts, seeds, device)
     steps = cfg.num_inference_steps
     plan = GradientPlan("sample", grad_from=steps, stop=steps)

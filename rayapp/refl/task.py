@@ -49,7 +49,7 @@ class ReFLTask(TrainingTask):
         torch.manual_seed(self.cfg.seed + self.worker.rank)
         self.parts = load_diffusion_parts(self.cfg, device, dtype)
         self.reward = load_reward_model(self.cfg, device, dtype)
-        return prepare_unet_for_training(self.parts.unet, self.cfg)
+        return prepare_unet_for_training(self.parts.unet, self.cfg, self.parts.family.lora_targets)
 
     def attach(self, engine) -> None:
         self.engine, self.module = engine, engine.module
@@ -87,7 +87,8 @@ class ReFLTask(TrainingTask):
             if len(getattr(self.reward, "last_terms", {})) > 1:  # a reward mix: each term's mean, unweighted
                 stats.update({f"reward_train/{term}": v for term, v in self.reward.last_terms.items()})
         if use_pretrain:
-            pretrain_loss = pretrain_loss_step(engine, self.parts, next(self.pretrain_batches), device, seed + 17)
+            pretrain_loss = pretrain_loss_step(engine, self.parts, next(self.pretrain_batches), device, seed + 17,
+                                               cfg.guidance_scale)
             loss = loss + cfg.pretrain_weight * pretrain_loss
             stats["loss_pretrain"] = float(pretrain_loss.detach())
         return loss, stats
