@@ -133,8 +133,9 @@ def _setup(pretrained: str, **overrides):
 
 
 @pytest.mark.parametrize("pretrained", ["tiny-sd3", "tiny-flux"])
-def test_draft_k_and_alignprop_take_a_step(pretrained):
-    """DRaFT-K (K = 2) and AlignProp on a flow trajectory: a gradient on the LoRA weights, and the plan logged."""
+def test_draft_k_draft_lv_and_alignprop_take_a_step(pretrained):
+    """DRaFT-K (K = 2), DRaFT-LV (2 re-noisings) and AlignProp (K = 3) on a flow trajectory: a gradient on the
+    LoRA weights, an AdamW step that changes them, and the plan logged."""
     from dataclasses import replace
 
     from rayapp.refl.models import prepare_unet_for_training
@@ -144,8 +145,9 @@ def test_draft_k_and_alignprop_take_a_step(pretrained):
     unet = prepare_unet_for_training(parts.unet, cfg, parts.family.lora_targets)
     params = [p for p in unet.parameters() if p.requires_grad]
     assert params and len(params) < len(list(unet.parameters()))
-    for objective, extra, steps in (("draft-k", {"draft_k": 2}, 2), ("alignprop", {"alignprop_truncation_min": 3,
-                                                                                 "alignprop_truncation_max": 3}, 3)):
+    cases = (("draft-k", {"draft_k": 2}, 2, 2), ("draft-lv", {"draft_lv_samples": 2}, 2, 3),
+             ("alignprop", {"alignprop_truncation_min": 3, "alignprop_truncation_max": 3}, 3, 1))
+    for objective, extra, steps, first in cases:
         run = replace(cfg, objective=objective, **extra)
         optimizer = torch.optim.AdamW(params, lr=run.learning_rate)
         before = [p.detach().clone() for p in params]
@@ -155,7 +157,7 @@ def test_draft_k_and_alignprop_take_a_step(pretrained):
         optimizer.step()
         optimizer.zero_grad()
         assert any(not torch.equal(a, p) for a, p in zip(before, params))
-        assert stats["grad_steps"] == steps and stats["grad_index"] == 4 - steps
+        assert stats["grad_steps"] == steps and stats["grad_index"] == first
 
 
 @pytest.mark.parametrize("pretrained,guidance,use_t5", [("tiny-sd3", 3.0, True), ("tiny-sd3", 1.0, False),
