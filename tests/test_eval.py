@@ -306,13 +306,10 @@ def test_score_job_resume_after_crash_writes_each_row_once(ray_cluster, synth, t
     partial = read_scored(out)["_row_key"].to_pylist()
     total = count_rows(data)
     assert 0 < len(partial) < total
-    # resume through the job script's main(), in this process (already connected to the cluster)
-    import importlib.util
+    # resume through the job's entry point (what jobs/score_dataset.py runs), in this process (connected already)
+    from rayapp.eval.score_dataset import main as score_dataset_main
 
-    spec = importlib.util.spec_from_file_location("score_dataset", REPO / "jobs" / "score_dataset.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    assert job.main(cmd[2:] + ["--resume"]) == 0
+    assert score_dataset_main(cmd[2:] + ["--resume"]) == 0
     printed = capsys.readouterr().out
     assert f"{len(partial)} rows already done" in printed and "images/s" in printed
     table = read_scored(out)
@@ -328,7 +325,7 @@ def test_score_job_resume_after_crash_writes_each_row_once(ray_cluster, synth, t
     for record in iter_comparisons(data):
         assert scored[record["id"]] == pytest.approx(model.score(record["prompt"], record["images"]), abs=1e-5)
     # a rerun without --resume refuses to mix runs
-    assert job.main(cmd[2:]) == 2 and "--resume" in capsys.readouterr().err
+    assert score_dataset_main(cmd[2:]) == 2 and "--resume" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------- Table 3 / Table 1

@@ -247,11 +247,8 @@ def test_convert_to_s3_train_resume_and_score(ray_cluster, s3_server, local_sour
     job = [sys.executable, str(REPO / "jobs" / "score_dataset.py"), "--input", f"{data}/val", "--output", scores,
            "--scorer", str(tmp_path / "run2" / "model"), "--rows-per-block", "4", "--num-cpus", "0.5",
            "--no-progress", "--drop-images"]
-    import importlib.util
+    from rayapp.eval import score_dataset  # the entry point jobs/score_dataset.py runs
 
-    spec = importlib.util.spec_from_file_location("score_dataset", REPO / "jobs" / "score_dataset.py")
-    score_dataset = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(score_dataset)
     assert score_dataset.main(job[2:]) == 0
     from rayapp.eval.batch_scoring import output_parts, read_scored
 
