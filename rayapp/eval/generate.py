@@ -8,7 +8,7 @@ parameters and `ImageReward Score: x.xxxx` + a contact sheet.
     rayapp generate --pipeline tiny-sdxl --endpoint http://127.0.0.1:8000 --prompt "a red circle" --out gen/
 
 Pipelines load with diffusers' `AutoPipelineForText2Image` (SD 1.x/2.x, SDXL, SD3, Flux, PixArt, ... whatever
-the installed diffusers maps), or are the offline tiny SD 1.x / SDXL pipelines ("tiny", "tiny-sdxl").
+the installed diffusers maps), or are the offline tiny pipelines ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux").
 
 The text chunk is the SD-WebUI `parameters` layout (prompt line, `Negative prompt:` line, then
 `Steps: .., Sampler: .., CFG scale: .., Seed: .., Size: WxH, Model: .., ImageReward Score: x.xxxx`), so
@@ -227,7 +227,7 @@ def register(subparsers) -> None:
     gen = subparsers.add_parser("generate", help="generate with diffusers, score with ImageReward, filter, sort, save")
     gen.add_argument("--pipeline", default="CompVis/stable-diffusion-v1-4",
                      help="any diffusers text-to-image pipeline (hub name or local dir: SD 1.x/2.x, SDXL, SD3, Flux, "
-                          "...); 'tiny' / 'tiny-sdxl' build the tiny offline SD 1.x / SDXL pipelines")
+                          "...); 'tiny', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux' build the tiny offline pipelines")
     gen.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     gen.add_argument("--prompts-file", help="a .txt (one per line), .jsonl or .json list of prompts / {prompt}")
     gen.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (default 4)")
