@@ -2,7 +2,7 @@
 reward model on Ray Train + DeepSpeed -> held-out accuracy -> the model behind a Ray Serve endpoint, scored
 over HTTP -> ReFL of a tiny Stable Diffusion against the trained reward model.
 
-    rayapp offline-pipeline                               # starts a local Ray; ~15 minutes on 2 CPUs
+    rayapp offline-pipeline                               # starts a local Ray; ~12 minutes on 2 CPUs
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/offline_pipeline.py
 
 Everything lands under --output-dir (default runs/): rm/ (data, model, official export), refl/ (grids,
