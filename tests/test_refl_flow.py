@@ -17,7 +17,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 12
+STEPS = 16
 PROMPT = "one large red circle on a white background"  # an eval prompt (held out of the training prompts)
 FAMILIES = {"sd3": ("offline-sd3", "StableDiffusion3Pipeline"), "flux": ("offline-flux", "FluxPipeline")}
 CPU = torch.device("cpu")
