@@ -14,6 +14,9 @@ PYTHON=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip"
 $PIP install -q --disable-pip-version-check "$(grep '^torch==' constraints.txt)"
 $PIP install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+# The reference hpsv2 package in a venv of its own, for the HPS parity tests (installed here: tests use no network).
+.venv/bin/python tools/hpsv2_reference.py \
+  || echo "setup: could not install the reference hpsv2 package; its parity tests will be skipped" >&2
 
 # System tools some tests drive, installed in one apt run when we may (CI runs as root): `ip` and curl for
 # the multi-host tests' network namespaces, Debian's Chromium for the web-page test.

@@ -22,6 +22,8 @@ from PIL import Image
 
 import rayapp
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # tools/hpsv2_reference.py
+
 pytestmark = pytest.mark.timeout(600)
 
 # A small open_clip architecture; the text tower keeps CLIP's 49408-token BPE vocabulary (the reference's).
@@ -30,9 +32,6 @@ SMALL_ARCHITECTURE = {"embed_dim": 16,
                       "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
 PROMPTS = ["A photo of 2 cats, sitting on a RED sofa!", "concept art of a castle at dusk",
            "an anime girl with blue hair", "oil painting: a bowl of fruit (still life)"]
-REFERENCE_PACKAGES = ["hpsv2==1.2.0", "torchvision==0.28.0", "open-clip-torch==3.3.0", "ftfy==6.3.1",
-                      "wcwidth==0.9.5", "clint==0.5.1", "args==0.1.0"]
-
 
 def smooth_image(seed: int, width: int, height: int) -> Image.Image:
     """A deterministic image with structure at several scales (so resizing kernels matter)."""
@@ -185,41 +184,15 @@ print("RESULT " + json.dumps(out))
 '''
 
 
-def _reference_cache() -> Path:
-    root = Path(os.environ.get("RAYAPP_TEST_CACHE", Path.home() / ".cache" / "rayapp-tests"))
-    return root / "hpsv2-1.2.0-reference"
-
-
 @pytest.fixture(scope="session")
 def hpsv2_reference() -> Path:
-    """A virtualenv with the reference `hpsv2` 1.2.0 over this interpreter's packages (cached across sessions).
+    """The reference `hpsv2` 1.2.0's interpreter, in the virtualenv `scripts/setup.sh` makes with
+    tools/hpsv2_reference.py (the test itself installs nothing: no network in a test)."""
+    from hpsv2_reference import VENV, ready
 
-    hpsv2's own pins (protobuf<4, pytest 7.2) would clash with ours, so it goes in with --no-deps beside the few
-    modules it imports that we lack; a .pth puts our site-packages (torch, transformers, ...) after its own.
-    PyPI's hpsv2 1.2.0 wheel lacks the CLIP BPE file its bundled open_clip opens at import; it is copied from
-    open-clip-torch's wheel (the same file)."""
-    import site
-    import sysconfig
-
-    venv = _reference_cache()
-    python = venv / "bin" / "python"
-    stamp = venv / "ready.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == REFERENCE_PACKAGES and python.exists():
-        return python
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", "--clear", "--without-pip", str(venv)], check=True, timeout=120)
-    target = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 check=True, capture_output=True, text=True).stdout.strip())
-    ours = site.getsitepackages()[0] if hasattr(site, "getsitepackages") else sysconfig.get_paths()["purelib"]
-    (target / "zz_rayapp_base.pth").write_text(ours + "\n")
-    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                          *REFERENCE_PACKAGES], capture_output=True, text=True, timeout=600)
-    if pip.returncode != 0:
-        pytest.skip(f"could not install the reference hpsv2 package: {pip.stderr[-500:]}")
-    bpe = "bpe_simple_vocab_16e6.txt.gz"
-    (target / "hpsv2" / "src" / "open_clip" / bpe).write_bytes((target / "open_clip" / bpe).read_bytes())
-    stamp.write_text(json.dumps(REFERENCE_PACKAGES))
-    return python
+    if not ready():
+        pytest.skip(f"no reference hpsv2 venv at {VENV}: run .venv/bin/python tools/hpsv2_reference.py")
+    return VENV / "bin" / "python"
 
 
 def run_reference(python: Path, job: dict, tmp_path: Path, hf_cache: Path | None = None) -> dict:
