@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rayapp.job_command import JobCommand
+
 
 def serve_and_query(model_dir: Path, test_dir: Path, port: int) -> None:
     """Deploy the trained model with Ray Serve on loopback and score one held-out prompt's images over HTTP."""
@@ -48,15 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-refl", action="store_true")
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The parser `jobs/offline_pipeline.py` uses (`rayapp offline-pipeline` adds the same flags)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     """Train the RM, serve it and score over HTTP, then run ReFL against it; each stage runs its own command."""
     from rayapp.refl import cli as refl_cli
     from rayapp.rm import cli as rm_cli
@@ -78,14 +74,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """`jobs/offline_pipeline.py`'s entry point."""
-    return run(build_parser(prog).parse_args(argv))
-
-
-def register(subparsers) -> None:
-    """Add `offline-pipeline` to the `rayapp` parser."""
-    parser = subparsers.add_parser("offline-pipeline", help="the offline end-to-end job: RM -> Serve -> ReFL",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=run)
+COMMAND = JobCommand("offline-pipeline", "the offline end-to-end job: RM -> Serve -> ReFL", __doc__, add_arguments, run)
+build_parser, main, register = COMMAND.build_parser, COMMAND.main, COMMAND.register

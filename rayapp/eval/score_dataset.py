@@ -27,6 +27,8 @@ import json
 import sys
 from pathlib import Path
 
+from rayapp.job_command import JobCommand
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The job's flags."""
@@ -57,15 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The parser `jobs/score_dataset.py` uses (`rayapp score-dataset` adds the same flags to its sub-parser)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     """Score the input with every scorer and print the summary; bad input ends with a message and status 2."""
     from rayapp.data.storage import StorageError
     from rayapp.eval.batch_scoring import ScoreJobConfig, run_score_job
@@ -89,14 +85,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """`jobs/score_dataset.py`'s entry point."""
-    return run(build_parser(prog).parse_args(argv))
-
-
-def register(subparsers) -> None:
-    """Add `score-dataset` to the `rayapp` parser."""
-    parser = subparsers.add_parser("score-dataset", help="score an image collection with Ray Data into Parquet",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=run)
+COMMAND = JobCommand("score-dataset", "score an image collection with Ray Data into Parquet", __doc__, add_arguments,
+                     run)
+build_parser, main, register = COMMAND.build_parser, COMMAND.main, COMMAND.register

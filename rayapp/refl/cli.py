@@ -25,6 +25,8 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from rayapp.job_command import JobCommand
+
 logger = logging.getLogger("rayapp.jobs.refl")
 
 TRAINED_TINY_RM = Path("runs/rm/model")  # where `rayapp train-rm` puts its model by default
@@ -82,12 +84,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_job_arguments(parser, ReFLConfig, presets=PRESETS, default_preset=DEFAULT_PRESET)
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The parser `jobs/refl.py` uses (`rayapp refl` adds the same flags to its sub-parser)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -111,15 +107,5 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """`jobs/refl.py`'s entry point."""
-    parser = build_parser(prog)
-    return run(parser.parse_args(argv), parser)
-
-
-def register(subparsers) -> None:
-    """Add `refl` to the `rayapp` parser."""
-    parser = subparsers.add_parser("refl", help="ReFL: fine-tune Stable Diffusion against a reward model",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=lambda args: run(args, parser))
+COMMAND = JobCommand("refl", "ReFL: fine-tune Stable Diffusion against a reward model", __doc__, add_arguments, run)
+build_parser, main, register = COMMAND.build_parser, COMMAND.main, COMMAND.register

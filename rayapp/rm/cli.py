@@ -17,6 +17,8 @@ import json
 import logging
 from pathlib import Path
 
+from rayapp.job_command import JobCommand
+
 logger = logging.getLogger("rayapp.jobs.train_rm")
 
 
@@ -31,12 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_job_arguments(parser, RMTrainConfig, presets=PRESETS, default_preset=DEFAULT_PRESET, extra=job_flags)
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The parser `jobs/train_rm.py` uses (`rayapp train-rm` adds the same flags to its sub-parser)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -80,15 +76,5 @@ def report_held_out_accuracy(result) -> None:
     write_run_card(result, {f"test_{key}": value for key, value in scores.items()})
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """`jobs/train_rm.py`'s entry point."""
-    parser = build_parser(prog)
-    return run(parser.parse_args(argv), parser)
-
-
-def register(subparsers) -> None:
-    """Add `train-rm` to the `rayapp` parser."""
-    parser = subparsers.add_parser("train-rm", help="train the reward model (Ray Train + DeepSpeed)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=lambda args: run(args, parser))
+COMMAND = JobCommand("train-rm", "train the reward model (Ray Train + DeepSpeed)", __doc__, add_arguments, run)
+build_parser, main, register = COMMAND.build_parser, COMMAND.main, COMMAND.register

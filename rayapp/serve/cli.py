@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
+
+from rayapp.job_command import JobCommand
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "rm_cpu_local"
@@ -68,7 +69,7 @@ def resolved_config(args: argparse.Namespace) -> tuple[Path, dict | None]:
     return path, config
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     """Run `serve run` on the resolved config in this process (blocking), or print it with --print-config."""
     import tempfile
 
@@ -109,26 +110,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the config it would run and exit")
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """A stand-alone parser for `rayapp serve`'s flags."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`rayapp serve` as a function."""
-    return run(build_parser().parse_args(argv))
-
-
-def register(subparsers) -> None:
-    """Add `serve` to the `rayapp` parser."""
-    parser = subparsers.add_parser("serve", help="run a Ray Serve reward endpoint (like `serve run CONFIG`)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = JobCommand("serve", "run a Ray Serve reward endpoint (like `serve run CONFIG`)", __doc__, add_arguments, run)
+build_parser, main, register = COMMAND.build_parser, COMMAND.main, COMMAND.register
