@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from refl_support import assert_reward_rose, run_history
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 16
@@ -61,21 +62,9 @@ def flow_runs(ray_cluster, tmp_path_factory, flow_bases) -> dict[tuple[str, str]
         proc.wait(timeout=1500)
         output = (root / f"{family}-{kind}").with_suffix(".log").read_text()
         assert proc.returncode == 0, f"{family} {kind} job failed:\n{output[-4000:]}"
-        print(f"{family} {kind}: {[(h['step'], h['eval_reward']) for h in _history(root / f'{family}-{kind}')]}")
+        print(f"{family} {kind}: {[(h['step'], h['eval_reward']) for h in run_history(root / f'{family}-{kind}')]}")
     return {key: root / f"{key[0]}-{key[1]}" for key in runs}
 
-
-def _history(out: Path) -> list[dict]:
-    return json.loads((out / "history.json").read_text())
-
-
-def _assert_reward_rose(out: Path) -> float:
-    """Mean held-out reward after - before > 3 std of the untuned samples' per-image rewards; returns the margin."""
-    before, after = _history(out)[0], _history(out)[-1]
-    assert before["step"] == 0 and after["step"] == STEPS
-    margin = 3 * float(torch.tensor(before["eval_rewards"]).std())
-    assert after["eval_reward"] - before["eval_reward"] > margin, (before, after, margin)
-    return margin
 
 
 def _mean_score(pipe) -> float:
@@ -95,7 +84,7 @@ def test_lora_raises_reward_and_loads_with_plain_diffusers(flow_runs, flow_bases
     import diffusers
 
     out = flow_runs[family, "lora"]
-    margin = _assert_reward_rose(out)
+    margin = assert_reward_rose(out, STEPS)
     config = json.loads((out / "config.json").read_text())
     assert config["lora_rank"] == 4 and config["scheduler"] == "flow-euler"
     updates = json.loads((out / "updates.json").read_text())
@@ -111,7 +100,7 @@ def test_full_finetune_raises_reward_and_saves_a_pipeline(flow_runs, flow_bases,
     import diffusers
 
     out = flow_runs[family, "full"]
-    margin = _assert_reward_rose(out)
+    margin = assert_reward_rose(out, STEPS)
     info = json.loads((out / "final" / "refl_info.json").read_text())
     assert info["family"] == family and info["format"] == "pipeline" and info["lora_rank"] == 0
     pipeline_class = getattr(diffusers, FAMILIES[family][1])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from refl_support import assert_reward_rose
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -59,18 +60,6 @@ def sdxl_runs(ray_cluster, tmp_path_factory):
     return {"base": base, "full": root / "full", "lora": root / "lora"}
 
 
-def _history(out: Path) -> list[dict]:
-    return json.loads((out / "history.json").read_text())
-
-
-def _assert_reward_rose(out: Path) -> float:
-    """Mean held-out reward after - before > 3 std of the untuned samples' per-image rewards; returns the margin."""
-    before, after = _history(out)[0], _history(out)[-1]
-    assert before["step"] == 0 and after["step"] == STEPS
-    margin = 3 * float(torch.tensor(before["eval_rewards"]).std())
-    assert after["eval_reward"] - before["eval_reward"] > margin, (before, after, margin)
-    return margin
-
 
 def _mean_score(pipe, reward: str = "tiny") -> float:
     """The reward's mean score of two images diffusers renders itself (DDIM, 8 steps, as trained)."""
@@ -90,7 +79,7 @@ def test_full_unet_raises_reward_and_exports_an_sdxl_pipeline(sdxl_runs):
     from diffusers import StableDiffusionXLPipeline
 
     out = sdxl_runs["full"]
-    margin = _assert_reward_rose(out)
+    margin = assert_reward_rose(out, STEPS)
     info = json.loads((out / "final" / "refl_info.json").read_text())
     assert info["family"] == "sdxl" and info["format"] == "pipeline" and info["lora_rank"] == 0
     updates = json.loads((out / "updates.json").read_text())
@@ -104,7 +93,7 @@ def test_lora_is_the_sdxl_default_raises_reward_and_loads_on_the_base(sdxl_runs)
     from diffusers import StableDiffusionXLPipeline
 
     out = sdxl_runs["lora"]
-    margin = _assert_reward_rose(out)
+    margin = assert_reward_rose(out, STEPS)
     config = json.loads((out / "config.json").read_text())
     assert config["lora_rank"] == 4 and config["objective"] == "alignprop"  # LoRA without asking: SDXL's default
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
